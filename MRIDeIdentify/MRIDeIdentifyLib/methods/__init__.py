@@ -1,0 +1,141 @@
+"""The one registry of de-identification methods, read by the command line and the Slicer panel alike.
+
+A method turns a :class:`MethodContext` into a :class:`MethodOutput` on the input grid; the composite
+(``composite.py``) then copies the brain back bit for bit, so no method can alter a brain voxel.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..errors import Cancelled, InputError
+
+ProgressCallback = Callable[[str, float], None]
+
+
+@dataclass
+class MethodOutput:
+    """What a method returns, all KJI arrays on the input grid.
+
+    ``values``: float32, the method's head in the input's intensity units (only voxels outside the brain are used).
+    ``head``: bool, where the output is tissue; elsewhere the composite writes an air background.
+    ``changed``: bool, the region the method remodelled or removed (``--save-face-mask``); None = head minus brain.
+    """
+
+    values: np.ndarray
+    head: np.ndarray
+    changed: Optional[np.ndarray] = None
+
+
+@dataclass
+class MethodContext:
+    """Everything a method may use. Arrays are KJI on the input grid; ``image`` is shared: never modify it."""
+
+    image: sitk.Image
+    array: np.ndarray
+    brain: np.ndarray
+    head: np.ndarray
+    threshold: float
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    options: Dict[str, Any] = field(default_factory=dict)
+    progress: Optional[ProgressCallback] = None
+    cancel: Optional[Callable[[], bool]] = None
+    timings: Dict[str, float] = field(default_factory=dict)
+    # Facts the method wants in the sidecar (e.g. model id and sha256).
+    provenance: Dict[str, Any] = field(default_factory=dict)
+    _grid: Any = None
+
+    def grid(self):
+        """The model grid (``modelgrid.ModelGrid``) around this head, built on first use."""
+        if self._grid is None:
+            from ..modelgrid import DEFAULT_SIZE, ModelGrid
+            size = int(self.options.get("grid_size", DEFAULT_SIZE))
+            self._grid = ModelGrid.around(self.image, self.head, self.brain, size=size, array=self.array)
+        return self._grid
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("de-identification cancelled")
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage (seconds go to ``timings[name]``), report it to ``progress``, honour cancellation."""
+        self.check_cancel()
+        if self.progress is not None:
+            self.progress(name, 0.0)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+        if self.progress is not None:
+            self.progress(name, 1.0)
+        self.check_cancel()
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    role: str
+    run: Callable[[MethodContext], MethodOutput]
+
+
+METHODS: Dict[str, Method] = {}
+# Preferred default, in order: the first one registered becomes what `run` uses without --method.
+_DEFAULT_ORDER = ("remodel",)
+# Every method module; a module whose optional dependency is missing is simply not registered.
+_MODULES = ("remodel", "reface", "deface", "quickshear", "blur", "skullstrip")
+
+
+def register(name: str, *, summary: str, role: str) -> Callable:
+    """Decorator adding ``run(ctx) -> MethodOutput`` to the registry under ``name``."""
+
+    def decorate(run: Callable[[MethodContext], MethodOutput]) -> Callable[[MethodContext], MethodOutput]:
+        METHODS[name] = Method(name, summary, role, run)
+        return run
+
+    return decorate
+
+
+def _load_all() -> None:
+    for module in _MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{module}")
+        except ModuleNotFoundError as error:
+            # Only a method's own file being absent is tolerated; a missing dependency inside it is a bug.
+            if error.name != f"{__name__}.{module}":
+                raise
+
+
+def method_names() -> List[str]:
+    return list(METHODS)
+
+
+def default_method() -> Optional[str]:
+    """The method ``run`` uses without ``--method``: the learned remodeling, or None while it is unavailable."""
+    for name in _DEFAULT_ORDER:
+        if name in METHODS:
+            return name
+    return None
+
+
+def get_method(name: Optional[str]) -> Method:
+    """The registered method called ``name`` (None = the default); InputError for an unknown name."""
+    if name is None:
+        name = default_method()
+        if name is None:
+            raise InputError("no default method is available yet (the learned 'remodel' is not installed); "
+                             f"choose one with --method ({', '.join(METHODS)})")
+    if name not in METHODS:
+        raise InputError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+_load_all()

@@ -1,0 +1,89 @@
+"""``deidentify``: one scan through the engine's stages, in order, with timings, progress and cancellation.
+
+Stages: head mask -> brain mask (+ margin) -> the method -> composite. Reading and writing belong to the
+callers (the command line reads files; the Slicer Logic converts volume nodes), so this function works on
+``SimpleITK`` images only.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import provenance
+from .brainmask import dilate_mm, extract_brain_mask, load_user_mask
+from .composite import composite
+from .devices import resolve_device
+from .errors import InputError
+from .headmask import head_mask, head_threshold
+from .methods import MethodContext, ProgressCallback, get_method
+from .reader import check_volume
+
+DEFAULT_MARGIN_MM = 3.0
+
+
+@dataclass
+class Result:
+    """A de-identified scan. ``image`` has the input's grid and pixel type; the masks are uint8 on that grid:
+    ``brain_mask`` is exactly the region copied bit for bit, ``face_mask`` the region the method changed."""
+
+    image: sitk.Image
+    brain_mask: sitk.Image
+    face_mask: sitk.Image
+    provenance: Dict[str, Any]
+    device: str
+
+
+def deidentify(image: sitk.Image, method: Optional[str] = None, *, brain_mask: Optional[sitk.Image] = None,
+               margin_mm: float = DEFAULT_MARGIN_MM, seed: int = 0, device: str = "auto",
+               options: Optional[Dict[str, Any]] = None, progress: Optional[ProgressCallback] = None,
+               cancel: Optional[Callable[[], bool]] = None) -> Result:
+    """De-identify ``image`` (3-D scalar; not modified) with ``method`` (None = the default method).
+
+    ``brain_mask``: optional user mask (any grid overlapping the head; non-zero = brain). ``margin_mm``: the
+    brain mask is dilated by this many millimetres and the dilated region is copied exactly. ``device``:
+    auto|cpu|cuda|mps. ``options``: method settings (e.g. ``model`` path, ``rotations``, ``facets``).
+    ``progress(stage, fraction)`` is called as stages start and end; ``cancel()`` returning True stops the
+    run with :class:`errors.Cancelled`.
+    """
+    chosen = get_method(method)
+    if margin_mm < 0 or not np.isfinite(margin_mm):
+        raise InputError(f"the brain margin must be a non-negative number of mm, not {margin_mm}")
+    image = check_volume(image)
+    torch_device = resolve_device(device)
+    ctx = MethodContext(image=image, array=sitk.GetArrayFromImage(image).astype(np.float32), brain=None,
+                        head=None, threshold=0.0, seed=int(seed), device=torch_device,
+                        options=dict(options or {}), progress=progress, cancel=cancel)
+    start = time.perf_counter()
+    with ctx.stage("head mask"):
+        ctx.threshold = head_threshold(image)
+        ctx.head = head_mask(image, ctx.threshold, array=ctx.array)
+    with ctx.stage("brain mask"):
+        if brain_mask is not None:
+            brain = load_user_mask(brain_mask, image, ctx.head)
+            source = "user"
+        else:
+            brain = extract_brain_mask(image, torch_device)
+            source = "deepbet"
+        ctx.brain = dilate_mm(brain, image.GetSpacing()[::-1], margin_mm)
+    output = chosen.run(ctx)
+    ctx.check_cancel()
+    with ctx.stage("composite"):
+        result = composite(image, ctx.brain, ctx.head, output, seed=ctx.seed)
+    changed = output.changed if output.changed is not None else (output.head | ctx.head) & ~ctx.brain
+    ctx.timings["total"] = time.perf_counter() - start
+    record = provenance.record(method=chosen.name, seed=ctx.seed, margin_mm=float(margin_mm),
+                               device=str(torch_device), brain_mask_source=source, timings=ctx.timings,
+                               image=image, extra=ctx.provenance)
+    return Result(result, _mask_image(ctx.brain, image), _mask_image(changed & ~ctx.brain, image), record,
+                  str(torch_device))
+
+
+def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    out = sitk.GetImageFromArray(mask.astype(np.uint8))
+    out.CopyInformation(reference)
+    return out
