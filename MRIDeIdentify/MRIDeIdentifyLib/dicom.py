@@ -380,6 +380,9 @@ def write_series(image: sitk.Image, source: DicomSource, out_dir: Path, *, metho
         else:
             names = [_write_file(ds, stored[k], bits, staging / f"{k + 1:04d}.dcm", method, tool_version, uid_map,
                                  date_shift_days) for k, ds in enumerate(source.datasets)]
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the series from other users of a share
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(staging, out_dir)
