@@ -39,6 +39,7 @@ MINIMUM_TORCH_VERSION = "2.1"
 PIP_REQUIREMENTS: Tuple[Tuple[str, str, str], ...] = (
     ("safetensors", "safetensors>=0.4", "reads the remodeling model's weights"),
     ("deepbet", "deepbet --no-deps", "the learned brain extractor (its weights)"),
+    ("pydeface", "pydeface --no-deps", "the average head that 'reface' and 'deface' register to the subject"),
 )
 
 
@@ -100,15 +101,18 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
 
-        for selector in (self.ui.inputVolumeSelector, self.ui.brainMaskSelector, self.ui.outputVolumeSelector,
-                         self.ui.outputBrainMaskSelector, self.ui.outputFaceMaskSelector):
-            selector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.brainMaskSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.outputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.outputBrainMaskSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
+        self.ui.outputFaceMaskSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.updateParameterNodeFromGUI)
-        for spinBox in (self.ui.seedSpinBox, self.ui.marginSpinBox, self.ui.rotationsSpinBox, self.ui.facetsSpinBox):
-            spinBox.connect("valueChanged(double)" if spinBox is self.ui.marginSpinBox else "valueChanged(int)",
-                            self.updateParameterNodeFromGUI)
+        self.ui.seedSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.marginSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
+        self.ui.rotationsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
+        self.ui.facetsSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
 
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.showBeforeAfterButton.connect("clicked(bool)", self.onShowBeforeAfter)

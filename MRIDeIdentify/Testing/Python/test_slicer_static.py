@@ -1,0 +1,339 @@
+"""Static checks of the Slicer extension: what the application and Slicer's CMake macros would reject.
+
+Nothing here needs Slicer: the .ui is parsed as XML, the module file and the engine as Python syntax trees, the
+CMake files as text. Each check names the file and the line or object to fix.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+MODULE_DIR = REPO / "MRIDeIdentify"
+MODULE_FILE = MODULE_DIR / "MRIDeIdentify.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "MRIDeIdentify.ui"
+ENGINE_DIR = MODULE_DIR / "MRIDeIdentifyLib"
+INDEX_ENTRY = REPO / "MRIDeIdentify.json"
+
+# Modules Slicer's own Python ships (5.8 and later): the engine may import them without an install step.
+SLICER_BUNDLED = {"numpy", "scipy", "SimpleITK", "vtk", "PIL", "pydicom"}
+# Lazy imports on paths the Slicer Logic never takes (it passes images, never file paths).
+NOT_REACHED_FROM_SLICER = {("reader.py", "nibabel"): "reads .mgz files",
+                           ("dicom.py", "dicomanonymizer"): "writes de-identified DICOM series"}
+# Fields of Slicer's catalog-entry schema v1.0.1 (Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json).
+INDEX_REQUIRED = {"$schema", "category", "scm_url"}
+INDEX_ALLOWED = INDEX_REQUIRED | {"scm_revision", "scm_type", "build_dependencies", "build_subdirectory", "enabled",
+                                  "tier"}
+
+
+# --- the panel (.ui) -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ui() -> ET.Element:
+    return ET.parse(UI_FILE).getroot()
+
+
+def _widgets(ui: ET.Element) -> dict[str, str]:
+    return {w.get("name"): w.get("class") for w in ui.iter("widget")}
+
+
+def test_ui_top_widget_is_a_qmrmlwidget(ui):
+    top = ui.find("widget")
+    assert top.get("class") == "qMRMLWidget"
+    assert top.get("name") == "MRIDeIdentify" == ui.findtext("class")
+
+
+def test_every_ui_attribute_the_widget_uses_exists(ui):
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    missing = sorted(used - set(_widgets(ui)))
+    assert used, "the widget uses no self.ui.X: the regular expression is wrong"
+    assert not missing, f"MRIDeIdentify.py uses self.ui.X that the .ui does not define: {missing}"
+
+
+def test_panel_has_the_sections_and_controls_of_the_issue(ui):
+    widgets = _widgets(ui)
+    for name in ("inputsCollapsibleButton", "methodCollapsibleButton", "advancedCollapsibleButton",
+                 "outputsCollapsibleButton"):
+        assert widgets.get(name) == "ctkCollapsibleButton", name
+    for name in ("inputVolumeSelector", "brainMaskSelector", "outputVolumeSelector", "outputBrainMaskSelector",
+                 "outputFaceMaskSelector"):
+        assert widgets.get(name) == "qMRMLNodeComboBox", name
+    for name, cls in {"methodComboBox": "QComboBox", "deviceComboBox": "QComboBox", "seedSpinBox": "QSpinBox",
+                      "marginSpinBox": "QDoubleSpinBox", "rotationsSpinBox": "QSpinBox", "facetsSpinBox": "QSpinBox",
+                      "modelPathLineEdit": "ctkPathLineEdit", "applyButton": "QPushButton",
+                      "progressBar": "QProgressBar", "showBeforeAfterButton": "QPushButton",
+                      "saveQARendersButton": "QPushButton", "statusLabel": "QLabel"}.items():
+        assert widgets.get(name) == cls, name
+    apply_text = ui.find(".//widget[@name='applyButton']/property[@name='text']/string").text
+    assert apply_text == "De-identify"
+
+
+def test_node_comboboxes_have_node_types_and_are_wired_to_the_scene(ui):
+    top = ui.find("widget").get("name")
+    wired = {(c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
+             for c in ui.iter("connection")}
+    comboboxes = [w for w in ui.iter("widget") if w.get("class") == "qMRMLNodeComboBox"]
+    assert len(comboboxes) == 5
+    for combobox in comboboxes:
+        name = combobox.get("name")
+        types = [s.text for s in combobox.findall("property[@name='nodeTypes']/stringlist/string")]
+        assert types and all(t.startswith("vtkMRML") for t in types), f"{name}: nodeTypes not set"
+        assert (top, "mrmlSceneChanged(vtkMRMLScene*)", name, "setMRMLScene(vtkMRMLScene*)") in wired, \
+            f"{name} is not connected to {top}'s mrmlSceneChanged: it would list no nodes"
+
+
+def test_custom_widgets_are_declared(ui):
+    declared = {c.findtext("class") for c in ui.iter("customwidget")}
+    used = {cls for cls in _widgets(ui).values() if not cls.startswith("Q")}
+    assert used <= declared, f"custom widgets used but not declared in <customwidgets>: {used - declared}"
+
+
+def test_signals_the_widget_connects_by_name_exist_on_those_classes(ui):
+    """``widget.connect("signal(args)", slot)`` fails silently in Slicer when the signature is wrong."""
+    signals = {"qMRMLNodeComboBox": {"currentNodeChanged(vtkMRMLNode*)"},
+               "QComboBox": {"currentIndexChanged(int)"}, "QSpinBox": {"valueChanged(int)"},
+               "QDoubleSpinBox": {"valueChanged(double)"}, "ctkPathLineEdit": {"currentPathChanged(QString)"},
+               "QPushButton": {"clicked(bool)"}}
+    widgets = _widgets(ui)
+    source = MODULE_FILE.read_text()
+    connected = re.findall(r"self\.ui\.(\w+)\.connect\(\s*\"([^\"]+)\"", source)
+    assert len(connected) >= 15
+    for name, signal in connected:
+        assert signal in signals[widgets[name]], f"{name} ({widgets[name]}) has no signal {signal}"
+
+
+# --- packaging: CMake, the Extensions Index entry, icon ----------------------------------------------------------
+
+def _cmake_list(text: str, variable: str) -> list[str]:
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    assert match, f"{variable} is not set"
+    return [item.replace("${MODULE_NAME}", "MRIDeIdentify") for item in match.group(1).split()]
+
+
+def _cmake_value(text: str, variable: str) -> str:
+    match = re.search(rf'set\({variable}\s+"([^"]*)"\)', text)
+    return match.group(1) if match else ""
+
+
+def _files_under(folder: Path) -> set[str]:
+    return {p.relative_to(MODULE_DIR).as_posix() for p in folder.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+
+
+def test_module_cmake_lists_equal_the_files_on_disk():
+    """slicerMacroBuildScriptedModule fails at configure time on a listed file that is missing, and silently
+    leaves out a file that is not listed (the installed extension would then fail to import it)."""
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    assert len(scripts) == len(set(scripts)) and len(resources) == len(set(resources)), "duplicate entries"
+    engine = _files_under(ENGINE_DIR)
+    expected_scripts = {"MRIDeIdentify.py"} | {f for f in engine if f.endswith(".py")}
+    expected_resources = _files_under(MODULE_DIR / "Resources") | {f for f in engine if not f.endswith(".py")}
+    assert set(scripts) == expected_scripts, (
+        f"MODULE_PYTHON_SCRIPTS: add {sorted(expected_scripts - set(scripts))}, "
+        f"remove {sorted(set(scripts) - expected_scripts)}")
+    assert set(resources) == expected_resources, (
+        f"MODULE_PYTHON_RESOURCES: add {sorted(expected_resources - set(resources))}, "
+        f"remove {sorted(set(resources) - expected_resources)}")
+    assert "Resources/UI/MRIDeIdentify.ui" in resources and "Resources/Icons/MRIDeIdentify.png" in resources
+    assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}\s*SCRIPTS \$\{MODULE_PYTHON_SCRIPTS\}"
+                     r"\s*RESOURCES \$\{MODULE_PYTHON_RESOURCES\}", text)
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def test_extension_metadata_is_complete():
+    text = (REPO / "CMakeLists.txt").read_text()
+    assert re.search(r"^project\(MRIDeIdentify\)", text, re.M)
+    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
+        assert _cmake_value(text, f"EXTENSION_{key}").strip(), f"EXTENSION_{key} is empty"
+    assert _cmake_value(text, "EXTENSION_DEPENDS") == "PyTorch"
+    for key in ("ICONURL", "SCREENSHOTURLS"):
+        url = _cmake_value(text, f"EXTENSION_{key}")
+        path = url.split("/main/", 1)[1]
+        assert (REPO / path).is_file(), f"EXTENSION_{key} points at {path}, which is not in the repository"
+    for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(MRIDeIdentify)",
+                 "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+        assert line in text, line
+    assert (REPO / "LICENSE").is_file()
+
+
+def test_extensions_index_entry_follows_the_catalog_schema():
+    entry = json.loads(INDEX_ENTRY.read_text())
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    assert INDEX_ENTRY.stem == re.search(r"^project\((\w+)\)", cmake, re.M).group(1)
+    assert not INDEX_ENTRY.stem.startswith("Slicer"), "the extension name must not start with Slicer"
+    assert INDEX_REQUIRED <= set(entry) <= INDEX_ALLOWED, set(entry) ^ INDEX_ALLOWED
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert entry["build_dependencies"] == _cmake_value(cmake, "EXTENSION_DEPENDS").split()
+    assert entry["category"] == _cmake_value(cmake, "EXTENSION_CATEGORY")
+    assert entry["scm_url"].rstrip(".git").endswith("/SlicerMRIDeIdentify")
+    assert entry.get("tier") in (1, 3, 5) and entry.get("scm_type", "git") in ("git", "local")
+
+
+def test_icon_is_a_128_pixel_png():
+    from PIL import Image
+
+    with Image.open(MODULE_DIR / "Resources" / "Icons" / "MRIDeIdentify.png") as icon:
+        assert icon.format == "PNG" and icon.size == (128, 128)
+        colours = np.unique(np.asarray(icon.convert("RGB")).reshape(-1, 3), axis=0)
+        assert len(colours) > 16, "the icon is (nearly) blank"
+
+
+# --- Python: what runs inside Slicer ------------------------------------------------------------------------------
+
+def _engine_files() -> list[Path]:
+    return sorted(p for p in ENGINE_DIR.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _imported_roots(tree: ast.AST) -> set[str]:
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_engine_never_imports_qt_ctk_or_slicer():
+    for path in _engine_files():
+        roots = _imported_roots(ast.parse(path.read_text()))
+        assert not roots & {"qt", "ctk", "slicer", "PythonQt", "PyQt5", "PySide2", "PySide6"}, path
+        assert "slicer.app" not in path.read_text(), path
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(MODULE_DIR).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _engine_imports(path: Path, tree: ast.AST) -> set[str]:
+    """Engine modules that ``path`` imports (absolute names), including a package's dynamically loaded modules."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+            elif node.module and node.module.startswith("MRIDeIdentifyLib"):
+                target = node.module
+            else:
+                continue
+            found.add(target)
+            found |= {f"{target}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "import_module":
+            found |= {_module_name(p) for p in path.parent.glob("*.py")}
+    return found
+
+
+def _reached_from_the_logic() -> list[Path]:
+    """Engine files the Slicer Logic can run: what MRIDeIdentify.py imports, transitively."""
+    files = {_module_name(p): p for p in _engine_files()}
+    pending = _engine_imports(MODULE_FILE, ast.parse(MODULE_FILE.read_text()))
+    reached: set[str] = set()
+    while pending:
+        name = pending.pop()
+        parents = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+        for module in ({name} | parents) - reached:
+            if module in files:
+                reached.add(module)
+                pending |= _engine_imports(files[module], ast.parse(files[module].read_text()))
+    return sorted(files[name] for name in reached)
+
+
+def test_engine_dependencies_are_slicer_bundled_or_installed_by_the_module():
+    """Everything the engine code the Logic runs imports (or finds by name) must exist in Slicer's Python once the
+    module has run its installer: Slicer's own packages, torch (PyTorchUtils) or one of PIP_REQUIREMENTS."""
+    module_tree = ast.parse(MODULE_FILE.read_text())
+    requirements = next(node.value for node in module_tree.body if isinstance(node, ast.AnnAssign)
+                        and getattr(node.target, "id", "") == "PIP_REQUIREMENTS")
+    installed = {element.elts[0].value for element in requirements.elts}
+    allowed = SLICER_BUNDLED | {"torch"} | installed
+    reached = _reached_from_the_logic()
+    assert {"pipeline.py", "render.py", "blur.py"} <= {p.name for p in reached}
+    assert "cli.py" not in {p.name for p in reached}
+    for path in reached:
+        tree = ast.parse(path.read_text())
+        found = {node.args[0].value for node in ast.walk(tree) if isinstance(node, ast.Call)
+                 and getattr(node.func, "attr", "") == "find_spec" and node.args
+                 and isinstance(node.args[0], ast.Constant)}
+        third_party = {root for root in _imported_roots(tree) | found
+                       if root not in sys.stdlib_module_names and root != "MRIDeIdentifyLib"
+                       and (path.name, root) not in NOT_REACHED_FROM_SLICER}
+        assert third_party <= allowed, (
+            f"{path.relative_to(REPO)} needs {sorted(third_party - allowed)}: add it to PIP_REQUIREMENTS in "
+            "MRIDeIdentify.py (or to SLICER_BUNDLED here if Slicer ships it)")
+
+
+def test_slicer_util_functions_are_called_through_slicer_util():
+    """slicer-core copies every slicer.util function onto slicer itself; the real application does not."""
+    spec = importlib.util.find_spec("slicer.util")
+    if spec is None or spec.origin is None:
+        pytest.skip("slicer-core is not installed (pip install slicer-core)")
+    util = ast.parse(Path(spec.origin).read_text())
+    util_names = {node.name for node in util.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    for path in [MODULE_FILE, REPO / "scripts" / "make_screenshot.py"]:
+        if not path.is_file():
+            continue
+        misused = sorted({f"slicer.{node.attr} (line {node.lineno})" for node in ast.walk(ast.parse(path.read_text()))
+                          if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                          and node.value.id == "slicer" and node.attr in util_names})
+        assert not misused, f"{path.name}: call these as slicer.util.X: {misused}"
+
+
+def test_module_and_engine_parse_on_python_3_9():
+    """Slicer 5.8 ships Python 3.9: vermin finds syntax and library use newer than that."""
+    vermin = shutil.which("vermin", path=str(Path(sys.executable).parent)) or shutil.which("vermin")
+    if vermin is None:
+        pytest.skip("vermin is not installed (pip install vermin)")
+    command = [vermin, "-q", "--no-tips", "--violations", "-t=3.9-"]
+    result = subprocess.run(command + [str(MODULE_FILE), str(ENGINE_DIR)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_vermin_does_flag_newer_syntax(tmp_path):
+    """The check above can fail: a 3.10 match statement is reported."""
+    vermin = shutil.which("vermin", path=str(Path(sys.executable).parent)) or shutil.which("vermin")
+    if vermin is None:
+        pytest.skip("vermin is not installed (pip install vermin)")
+    newer = tmp_path / "newer.py"
+    newer.write_text("def f(x):\n    match x:\n        case 1:\n            return 2\n")
+    result = subprocess.run([vermin, "-q", "--no-tips", "--violations", "-t=3.9-", str(newer)], capture_output=True)
+    assert result.returncode != 0
+
+
+def _runtime_unions(tree: ast.AST) -> list[int]:
+    """Lines with ``X | None`` or ``int | str`` evaluated at run time (3.10+), which vermin cannot see."""
+    annotations = set()
+    for node in ast.walk(tree):
+        for annotation in (getattr(node, "annotation", None), getattr(node, "returns", None)):
+            if annotation is not None:
+                annotations |= {id(child) for child in ast.walk(annotation)}
+    types = {"int", "float", "str", "bool", "bytes", "list", "dict", "tuple", "set", "type"}
+
+    def is_type(node):
+        return (isinstance(node, ast.Constant) and node.value is None) or (
+            isinstance(node, ast.Name) and node.id in types)
+
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr)
+            and id(node) not in annotations and (is_type(node.left) or is_type(node.right))]
+
+
+def test_no_runtime_type_unions():
+    assert _runtime_unions(ast.parse("def f(x: int | None) -> str | None: ...")) == []
+    assert _runtime_unions(ast.parse("isinstance(x, int | float)")) == [1]
+    for path in [MODULE_FILE, *_engine_files()]:
+        assert _runtime_unions(ast.parse(path.read_text())) == [], path
