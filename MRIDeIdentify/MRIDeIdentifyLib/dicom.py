@@ -191,7 +191,7 @@ def _frames(ds: Dataset) -> int:
 def _check_pixel_data(path: Path, ds: Dataset) -> None:
     """Refuse files without pixel data or whose pixel data is cut short (a truncated copy)."""
     if _PIXEL_DATA not in ds:
-        raise InputError(f"{path.name}: has no pixel data (not an image)")
+        raise InputError(f"{path.name}: has no pixel data (not an image, or the file is truncated)")
     raw = ds.get_item(_PIXEL_DATA)
     length = getattr(raw, "length", None)
     value = getattr(raw, "value", None)
