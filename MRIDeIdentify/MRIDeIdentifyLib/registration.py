@@ -1,0 +1,153 @@
+"""Register an average head to a subject (SimpleITK): similarity, anisotropic scaling, then a smooth warp.
+
+Everything runs on copies of both heads resampled to ``spacing_mm`` isotropic voxels (default 4 mm), so a
+registration takes a few seconds on two cores whatever the input resolution; the result is a transform in
+physical (LPS, mm) space that applies at any resolution.
+
+The linear stages maximise Mattes mutual information between the images, which works across contrasts
+(the T1 template onto T2 subjects) and scanner intensity scales. The deformable stage matches skin surfaces
+only: diffeomorphic demons between the signed distance maps of the two head masks, with a Gaussian-smoothed
+displacement field. Intensities would pull the warp towards inner anatomy the template does not share with
+the subject (sinuses, muscles), while what ``reface`` and ``deface`` need is the template's face and scalp on
+the subject's outline; distance maps also make the step independent of contrast.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+
+DEFAULT_SPACING_MM = 4.0
+# Distance maps are clamped here: beyond a few centimetres from the skin, a voxel says nothing about shape.
+DISTANCE_CLAMP_MM = 20.0
+DEMONS_ITERATIONS = 50
+# Field smoothing in voxels of the registration grid (2 x 4 mm): strong enough that the warp moves a chin or
+# a scalp by a centimetre as a whole without folding it.
+DEMONS_SMOOTHING_VOXELS = 2.0
+
+
+def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image, *,
+             deformable: bool = True, spacing_mm: float = DEFAULT_SPACING_MM, seed: int = 0,
+             threads: int = 2) -> sitk.Transform:
+    """The transform that maps ``fixed`` physical points (LPS mm) onto ``moving``: resample ``moving`` with it.
+
+    ``fixed_mask`` / ``moving_mask`` are the head masks (non-zero = tissue, on their image's grid): they
+    restrict the metric to tissue, so that background noise and differing fields of view do not pull the fit,
+    and they drive the deformable stage. ``seed`` fixes the metric's random sampling: the same inputs and seed
+    give the same transform. Inputs are not modified.
+    """
+    fixed_small = _downsample(fixed, spacing_mm)
+    moving_small = _downsample(moving, spacing_mm)
+    fixed_mask_small = _mask_like(fixed_mask, fixed_small)
+    moving_mask_small = _mask_like(moving_mask, moving_small)
+
+    # Centres of mass of the head masks, not of the intensities: a bright neck or fat pad in one field of
+    # view only would drag an intensity-weighted centre by centimetres.
+    initial = sitk.CenteredTransformInitializer(fixed_mask_small, moving_mask_small, sitk.Similarity3DTransform(),
+                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
+    similarity = _run(fixed_small, moving_small, fixed_mask_small, moving_mask_small, initial,
+                      shrink=[4, 2, 1], sigmas_mm=[8.0, 4.0, 2.0], seed=seed, threads=threads)
+    # Three scales but no shear: a full affine let the template's neck squash the head by 25 % in S on
+    # subjects whose field of view ends at the chin.
+    scaled = sitk.ScaleVersor3DTransform()
+    scaled.SetCenter(similarity.GetCenter())
+    scaled.SetRotation(similarity.GetVersor())
+    scaled.SetTranslation(similarity.GetTranslation())
+    scaled.SetScale([similarity.GetScale()] * 3)
+    scaled = _run(fixed_small, moving_small, fixed_mask_small, moving_mask_small, scaled,
+                  shrink=[2, 1], sigmas_mm=[4.0, 2.0], seed=seed, threads=threads)
+    if not deformable:
+        return scaled
+
+    fixed_distance = _distance(fixed_mask_small)
+    moving_distance = sitk.Resample(_distance(moving_mask_small), fixed_small, scaled, sitk.sitkLinear,
+                                    DISTANCE_CLAMP_MM)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(DEMONS_ITERATIONS)
+    demons.SetStandardDeviations(DEMONS_SMOOTHING_VOXELS)
+    demons.SetNumberOfThreads(threads)
+    field = demons.Execute(fixed_distance, moving_distance)
+    warp_field = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+    return sitk.CompositeTransform([scaled, warp_field])
+
+
+def warp(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
+         interpolator: int = sitk.sitkLinear, default: float = 0.0,
+         field_spacing_mm: float = 2.0) -> sitk.Image:
+    """``moving`` resampled onto ``reference``'s grid (size, spacing, origin, direction) through ``transform``.
+
+    A composite (the deformable result) is first sampled into one displacement field at ``field_spacing_mm``:
+    composing a linear transform with a field at every voxel of a 1 mm head costs seconds, one field a fraction.
+    The output keeps ``moving``'s pixel type; voxels that map outside ``moving`` get ``default``.
+    """
+    if isinstance(transform, sitk.CompositeTransform):
+        coarse = _grid(reference, field_spacing_mm)
+        field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, coarse.GetSize(),
+                                                  coarse.GetOrigin(), coarse.GetSpacing(), coarse.GetDirection())
+        transform = sitk.DisplacementFieldTransform(field)
+    return sitk.Resample(moving, reference, transform, interpolator, default, moving.GetPixelID())
+
+
+def _run(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image,
+         transform: sitk.Transform, *, shrink: list, sigmas_mm: list, seed: int, threads: int) -> sitk.Transform:
+    method = sitk.ImageRegistrationMethod()
+    method.SetNumberOfThreads(threads)
+    method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
+    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingPercentage(0.2, seed)
+    method.SetMetricFixedMask(fixed_mask)
+    method.SetMetricMovingMask(moving_mask)
+    method.SetInterpolator(sitk.sitkLinear)
+    method.SetShrinkFactorsPerLevel(shrink)
+    method.SetSmoothingSigmasPerLevel(sigmas_mm)
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=200,
+                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetInitialTransform(transform, inPlace=False)
+    result = method.Execute(fixed, moving)
+    if isinstance(result, sitk.CompositeTransform) and result.GetNumberOfTransforms() == 1:
+        result = result.GetNthTransform(0)
+    return result.Downcast()
+
+
+def _distance(mask: sitk.Image) -> sitk.Image:
+    """Signed distance to the mask's surface in mm (negative inside), clamped to +-DISTANCE_CLAMP_MM."""
+    distance = sitk.SignedMaurerDistanceMap(mask, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+    return sitk.Clamp(distance, sitk.sitkFloat32, -DISTANCE_CLAMP_MM, DISTANCE_CLAMP_MM)
+
+
+def _grid(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """An empty image covering ``image``'s field of view with ``spacing_mm`` isotropic voxels, same direction."""
+    size = np.array(image.GetSize())
+    spacing = np.array(image.GetSpacing())
+    new_size = np.maximum(1, np.ceil(size * spacing / spacing_mm)).astype(int)
+    # Keep the field of view centred: the first new voxel centre sits half a new voxel inside the old edge.
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    corner = np.array(image.GetOrigin()) - direction @ (spacing / 2)
+    origin = corner + direction @ np.full(3, spacing_mm / 2)
+    grid = sitk.Image([int(s) for s in new_size], sitk.sitkUInt8)
+    grid.SetSpacing([spacing_mm] * 3)
+    grid.SetOrigin([float(v) for v in origin])
+    grid.SetDirection(image.GetDirection())
+    return grid
+
+
+def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """``image`` as float32 on a ``spacing_mm`` isotropic grid, low-passed first so that it does not alias."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    spacing = np.array(image.GetSpacing())
+    variances = [float(v) for v in np.maximum(spacing_mm ** 2 - spacing ** 2, 0.0) / 4.0]
+    if max(variances) > 0:
+        image = sitk.DiscreteGaussian(image, variances, 32, 0.01, True)
+    return sitk.Resample(image, _grid(image, spacing_mm), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def _mask_like(mask: Optional[sitk.Image], reference: sitk.Image) -> Optional[sitk.Image]:
+    if mask is None:
+        return None
+    # Linear then > 0.5 keeps a thin mask's area at its true position when it shrinks by 3x.
+    small = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+    return sitk.Cast(small > 0.5, sitk.sitkUInt8)
