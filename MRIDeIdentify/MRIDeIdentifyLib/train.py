@@ -1,0 +1,451 @@
+"""Training C-DeID-GAN: one plain loop, single process or torchrun / DistributedDataParallel.
+
+    mri-deidentify train --data DIR_OR_BIDS --out DIR [--size 64] [--steps N] [--resume]
+    torchrun --nproc_per_node 4 -m MRIDeIdentifyLib.train --data DIR --out DIR     # several GPUs or nodes
+
+Each scan is preprocessed once into a cache (``OUT/cache``): its model-grid volume, dilated brain mask and head
+threshold, built with the engine's own headmask / brainmask / modelgrid so training sees what inference sees.
+Every step augments one cached head per process (augment.py), recomputes gamma on the augmented head with the
+privacy transform, and takes one discriminator and one generator step with the R-LSGAN losses. The checkpoint
+holds both networks, their optimisers, the generator's EMA, the step and the configs; a step's randomness is a
+function of (seed, step, rank), so a resumed run continues exactly as an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from .augment import augment
+from .model import (Discriminator, Generator, ModelConfig, blend, discriminator_loss, gamma_pyramid,
+                    generator_loss, noise, pyramid, save_generator)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved in every checkpoint.
+
+    recon_weight: weight of an L1 term between the blended fake and the real head at every scale. The paper
+        trains with the adversarial loss alone; with a few heads and a few hundred CPU steps that gives noise,
+        while the L1 term gives an average head fitted to gamma's hull at once, which the adversarial term then
+        sharpens. 0 = the paper's loss.
+    exclude: scan file-name prefixes kept out of training (a held-out person to look at generalisation).
+    init_from: checkpoint of a run at a smaller size to grow from (progressive training): its generator blocks
+        are reused and the new finer blocks start as identity refinements; the discriminator starts afresh.
+    """
+
+    data: str = ""
+    out: str = "runs/cdeidgan"
+    checkpoint: str = ""            # default: OUT/checkpoint.pt
+    size: int = 64
+    block: str = "dense"
+    steps: int = 2000
+    batch: int = 1                  # per process
+    lr: float = 2e-3
+    betas: Tuple[float, float] = (0.0, 0.99)
+    ema: float = 0.999
+    recon_weight: float = 10.0
+    augment: bool = True
+    rotations: int = 8
+    facets: int = 100
+    margin_mm: float = 3.0
+    exclude: Tuple[str, ...] = ()
+    seed: int = 0
+    log_every: int = 10
+    image_every: int = 100
+    checkpoint_minutes: float = 5.0
+    device: str = "auto"
+    threads: int = 0                # torch CPU threads; 0 = torch's default
+    init_from: str = ""
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+@dataclass
+class Head:
+    """One cached scan on the model grid: ``volume`` float32 (S, S, S) normalised, ``brain`` bool (S, S, S)."""
+
+    name: str
+    volume: np.ndarray
+    brain: np.ndarray
+
+
+def preprocess(path: Path, size: int, margin_mm: float, device: torch.device | str = "cpu",
+               brain_cache: Optional[Path] = None) -> Head:
+    """Read a scan and put it on its model grid exactly as the ``remodel`` method does (brain dilated by the margin).
+
+    ``brain_cache``: an .npz file keeping the dilated brain mask on the scan's own grid, so that building the
+    cache for another model size does not run the brain extractor again.
+    """
+    from .brainmask import dilate_mm, extract_brain_mask
+    from .headmask import head_mask, head_threshold
+    from .modelgrid import ModelGrid
+    from .reader import read_volume
+
+    image = read_volume(path).image
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    head = head_mask(image, head_threshold(image), array=array)
+    if brain_cache is not None and brain_cache.exists():
+        with np.load(brain_cache) as data:
+            brain = np.unpackbits(data["bits"], count=array.size).reshape(array.shape).astype(bool)
+    else:
+        brain = dilate_mm(extract_brain_mask(image, device), image.GetSpacing()[::-1], margin_mm)
+        if brain_cache is not None:
+            np.savez_compressed(brain_cache, bits=np.packbits(brain))
+    grid = ModelGrid.around(image, head, brain, size=size, array=array)
+    return Head(_scan_name(path), grid.to_model(image), grid.mask_to_model(brain, image))
+
+
+def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Head]:
+    """The training heads, preprocessing any scan not yet in the cache (rank 0 builds it, the others wait)."""
+    from .batch import find_scans
+
+    scans, _ = find_scans(Path(config.data))
+    scans = [p for p in scans if not _scan_name(p).startswith(tuple(config.exclude))]
+    if not scans:
+        raise SystemExit(f"no training scans under {config.data} (after excluding {config.exclude})")
+    cache = Path(config.out) / "cache"
+    files = [cache / f"{_scan_name(p)}.s{config.size}.m{config.margin_mm:g}.npz" for p in scans]
+    if rank == 0:
+        cache.mkdir(parents=True, exist_ok=True)
+        for path, file in zip(scans, files):
+            if file.exists() or file.with_suffix(".skip").exists():
+                continue
+            print(f"preprocessing {path.name}", file=sys.stderr)
+            try:
+                head = preprocess(path, config.size, config.margin_mm, device,
+                                  cache / f"{_scan_name(path)}.brain.m{config.margin_mm:g}.npz")
+            except Exception as error:  # one unusable scan must not stop a run over a whole dataset
+                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
+                print(f"skipping {path.name}: {reason}", file=sys.stderr)
+                file.with_suffix(".skip").write_text(reason + "\n")
+                continue
+            tmp = file.with_suffix(".tmp.npz")
+            np.savez_compressed(tmp, volume=head.volume, brain=head.brain)
+            tmp.replace(file)
+    if dist.is_initialized():
+        dist.barrier()
+    heads = []
+    for file in files:
+        if not file.exists():
+            continue
+        with np.load(file) as data:
+            heads.append(Head(file.name.split(".s")[0], data["volume"], data["brain"]))
+    return heads
+
+
+def _scan_name(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def make_batch(heads: List[Head], config: TrainConfig, model_config: ModelConfig, generator: torch.Generator,
+               device: torch.device) -> Dict[str, object]:
+    """``config.batch`` random heads, augmented, with gamma recomputed on each: the inputs of :func:`train_step`."""
+    from .headmask import head_threshold
+    from .privacy import privacy_transform
+
+    volumes, brains, gammas = [], [], []
+    for _ in range(config.batch):
+        head = heads[int(torch.randint(len(heads), (1,), generator=generator))]
+        volume = torch.from_numpy(head.volume)
+        brain = torch.from_numpy(head.brain)
+        if config.augment:
+            volume, brain = augment(volume, brain, generator)
+        # delta is recomputed on the augmented head, as inference computes it on each input.
+        threshold = head_threshold(sitk.GetImageFromArray(volume.numpy()))
+        seed = int(torch.randint(2 ** 31 - 1, (1,), generator=generator))
+        gammas.append(privacy_transform(volume, brain, threshold, rotations=config.rotations,
+                                        facets=config.facets, seed=seed))
+        volumes.append(volume)
+        brains.append(brain)
+    x = torch.stack(volumes)[:, None].to(device)
+    b = torch.stack(brains)[:, None].to(device=device, dtype=torch.float32)
+    gamma = torch.stack(gammas).to(device)
+    n = model_config.n_blocks
+    return {"reals": pyramid(x, n), "fractions": pyramid(b, n), "gammas": gamma_pyramid(gamma, n, generator),
+            "noise": noise(config.batch, generator, device)}
+
+
+# ---------------------------------------------------------------------------------------------------- step
+
+def train_step(generator: torch.nn.Module, discriminator: torch.nn.Module, opt_g: torch.optim.Optimizer,
+               opt_d: torch.optim.Optimizer, batch: Dict[str, object], recon_weight: float,
+               autocast=nullcontext) -> Dict[str, float]:
+    """One discriminator step then one generator step on ``batch``; returns the losses.
+
+    ``generator``/``discriminator`` may be DDP-wrapped. The discriminator sees reals and fakes in one batch (one
+    forward, one gradient all-reduce); in the generator step it runs unwrapped with frozen weights, since only
+    the generator's gradients are wanted there.
+    """
+    reals, gammas, fractions = batch["reals"], batch["gammas"], batch["fractions"]
+    both_gammas = [torch.cat([g, g]) for g in gammas]
+    with autocast():
+        fakes = blend(generator(gammas, batch["noise"]), gammas, fractions)
+        scores = discriminator([torch.cat([r, f.detach()]) for r, f in zip(reals, fakes)], both_gammas)
+        real_scores, fake_scores = scores.float().chunk(2)
+        loss_d = discriminator_loss(real_scores, fake_scores)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+
+    critic = discriminator.module if isinstance(discriminator, DistributedDataParallel) else discriminator
+    critic.requires_grad_(False)
+    with autocast():
+        scores = critic([torch.cat([r, f]) for r, f in zip(reals, fakes)], both_gammas)
+        real_scores, fake_scores = scores.float().chunk(2)
+        adversarial = generator_loss(real_scores, fake_scores)
+        recon = sum(F.l1_loss(f.float(), r) for f, r in zip(fakes, reals)) / len(reals)
+        loss_g = adversarial + recon_weight * recon
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    critic.requires_grad_(True)
+    return {"loss_d": loss_d.item(), "loss_g": adversarial.item(), "recon": recon.item()}
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """EMA of the weights; the decay ramps up over the first steps so that short runs are not stuck at init."""
+    decay = min(decay, (1.0 + step) / (10.0 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1.0 - decay)
+    for e, p in zip(ema.buffers(), model.buffers()):
+        e.copy_(p)
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    from adamp import AdamP
+
+    return AdamP(params, lr=config.lr, betas=tuple(config.betas))
+
+
+def grow(generator: Generator, g_ema: Generator, smaller: dict) -> None:
+    """Start ``generator`` and ``g_ema`` from a checkpoint of a smaller size (same widths per scale).
+
+    The coarse blocks are copied; each new finer block's last convolution is zeroed, so the grown generator
+    starts as the smaller one's output upsampled by nearest neighbour and learns only the added detail.
+    """
+    old = ModelConfig.from_dict(smaller["model_config"])
+    if generator.config.g_widths[:old.n_blocks] != old.g_widths or generator.config.block != old.block:
+        raise SystemExit("--init-from: the smaller model's blocks do not match this model's coarse blocks")
+    for net, key in ((generator, "g"), (g_ema, "g_ema")):
+        net.load_state_dict(smaller[key], strict=False)
+        with torch.no_grad():
+            for block in net.blocks[old.n_blocks:]:
+                last = block.body[-1]
+                last.weight.zero_()
+                last.bias.zero_()
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, then rename: a run killed mid-write keeps its previous checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    # weights_only: a checkpoint holds tensors, numbers and strings only, so nothing is unpickled.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def export(checkpoint: Path, weights: Path) -> str:
+    """Write the checkpoint's EMA generator as safetensors + JSON (with the run's figures); returns the sha256."""
+    state = load_checkpoint(checkpoint)
+    model_config = ModelConfig.from_dict(state["model_config"])
+    generator = Generator(model_config)
+    generator.load_state_dict(state["g_ema"])
+    history = state["history"]
+    last = history[-1] if history else {}
+    extra = {"training": {"steps": state["step"], "wall_seconds": round(state["wall_seconds"], 1),
+                          "hardware": state.get("hardware", ""), "last_losses": last,
+                          "config": state["train_config"]}}
+    return save_generator(generator, weights, extra)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespace]:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(prog="mri-deidentify train", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=False, default="", help="folder or BIDS dataset of head scans")
+    parser.add_argument("--out", default=defaults.out, help="run folder: cache, TensorBoard events, checkpoint")
+    parser.add_argument("--checkpoint", default="", help="checkpoint file (default OUT/checkpoint.pt)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    parser.add_argument("--export", metavar="WEIGHTS", help="write the checkpoint's EMA generator to WEIGHTS "
+                        "(.safetensors, with a .json beside it) and exit")
+    parser.add_argument("--exclude", nargs="*", default=[], help="scan name prefixes kept out of training")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("data", "out", "checkpoint", "exclude", "betas"):
+            continue
+        kind = type(getattr(defaults, f.name))
+        if kind is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
+                                default=getattr(defaults, f.name))
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    values["exclude"] = tuple(args.exclude)
+    return TrainConfig(**values), args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    config, args = parse_args(argv)
+    checkpoint_path = Path(config.checkpoint or Path(config.out) / "checkpoint.pt")
+    if args.export:
+        print(export(checkpoint_path, Path(args.export)))
+        return 0
+    if not config.data:
+        raise SystemExit("--data is required for training")
+
+    # torchrun sets these; a plain run is rank 0 of 1.
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from .devices import resolve_device
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    master = rank == 0
+
+    state = None
+    if args.resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        saved = dict(state["train_config"])
+        # Resuming continues the saved run; only the stopping point and the bookkeeping may change.
+        for key in ("steps", "log_every", "image_every", "checkpoint_minutes", "device", "threads", "data", "out",
+                    "checkpoint"):
+            saved[key] = getattr(config, key)
+        saved["betas"] = tuple(saved["betas"])
+        saved["exclude"] = tuple(saved["exclude"])
+        config = TrainConfig(**saved)
+        model_config = ModelConfig.from_dict(state["model_config"])
+    else:
+        model_config = ModelConfig(size=config.size, block=config.block)
+
+    torch.manual_seed(config.seed)
+    heads = load_heads(config, device, rank)
+    generator, discriminator = Generator(model_config).to(device), Discriminator(model_config).to(device)
+    g_ema = copy.deepcopy(generator).eval().requires_grad_(False)
+    opt_g, opt_d = make_optimizer(generator.parameters(), config), make_optimizer(discriminator.parameters(), config)
+    step, wall, history = 0, 0.0, []
+    if state is not None:
+        generator.load_state_dict(state["g"])
+        discriminator.load_state_dict(state["d"])
+        g_ema.load_state_dict(state["g_ema"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        step, wall, history = state["step"], state["wall_seconds"], list(state["history"])
+    elif config.init_from:
+        grow(generator, g_ema, load_checkpoint(Path(config.init_from)))
+    g_train, d_train = generator, discriminator
+    if ddp:
+        ids = [local_rank] if device.type == "cuda" else None
+        g_train = DistributedDataParallel(generator, device_ids=ids)
+        d_train = DistributedDataParallel(discriminator, device_ids=ids)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext)
+
+    writer = None
+    if master:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(Path(config.out) / "tensorboard"), purge_step=step or None)
+        print(f"{len(heads)} training heads: {', '.join(h.name for h in heads)}", file=sys.stderr)
+    from tqdm import tqdm
+    bar = tqdm(total=config.steps, initial=step, disable=not master, dynamic_ncols=True)
+
+    def checkpoint() -> None:
+        save_checkpoint(checkpoint_path, {
+            "g": generator.state_dict(), "d": discriminator.state_dict(), "g_ema": g_ema.state_dict(),
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "wall_seconds": wall,
+            "history": history, "model_config": model_config.to_dict(),
+            "train_config": dataclasses.asdict(config), "hardware": _hardware(device, ddp)})
+
+    last_save = time.time()
+    running: Dict[str, float] = {}
+    while step < config.steps:
+        start = time.time()
+        # A step's randomness depends only on (seed, step, rank): exact resume without saving RNG states.
+        rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + rank)
+        batch = make_batch(heads, config, model_config, rng, device)
+        losses = train_step(g_train, d_train, opt_g, opt_d, batch, config.recon_weight, autocast)
+        update_ema(g_ema, generator, config.ema, step)
+        step += 1
+        wall += time.time() - start
+        for key, value in losses.items():
+            running[key] = running.get(key, 0.0) + value
+        bar.update(1)
+        if master and (step % config.log_every == 0 or step == config.steps):
+            count = step % config.log_every or config.log_every
+            means = {k: v / count for k, v in running.items()}
+            history.append({"step": step, "wall_seconds": round(wall, 1), **{k: round(v, 5) for k, v in means.items()}})
+            for key, value in means.items():
+                writer.add_scalar(f"loss/{key}", value, step)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
+        if step % config.log_every == 0:
+            running = {}
+        if master and (step % config.image_every == 0 or step == 1):
+            writer.add_image("mid-slices (real | fake | EMA fake)", _mid_slices(batch, generator, g_ema), step)
+        if master and (time.time() - last_save > 60 * config.checkpoint_minutes or step == config.steps):
+            checkpoint()
+            last_save = time.time()
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if ddp:
+        dist.destroy_process_group()
+    return 0
+
+
+@torch.no_grad()
+def _mid_slices(batch: Dict[str, object], generator: torch.nn.Module, g_ema: torch.nn.Module) -> torch.Tensor:
+    """(1, H, W) image: the first sample's three mid-slices, real over blended fake over blended EMA fake."""
+    gammas, fractions = batch["gammas"], batch["fractions"]
+    rows = [batch["reals"][-1][0, 0]]
+    for net in (generator, g_ema):
+        rows.append(blend(net(gammas, batch["noise"]), gammas, fractions)[-1][0, 0].float())
+    tiles = []
+    for volume in rows:
+        n = volume.shape[0] // 2
+        # Flip so the superior side and the face point up/left as radiologists view them.
+        tiles.append(torch.cat([volume[n].flip(0), volume[:, n].flip(0), volume[:, :, n].flip(0)], 1))
+    return torch.cat(tiles, 0).clamp(0, 1.2).div(1.2)[None].cpu()
+
+
+def _hardware(device: torch.device, ddp: bool) -> str:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        what = f"CPU, {torch.get_num_threads()} torch threads"
+    return f"{world} x {what}" if ddp else what
+
+
+if __name__ == "__main__":
+    sys.exit(main())
