@@ -324,6 +324,26 @@ def test_non_identity_rescale_round_trips_stored_values(tmp_path):
 
 
 @needs_data
+def test_compressed_input_is_read_and_written_uncompressed(tmp_path):
+    """Pixels come through SimpleITK/GDCM, so a compressed series (RLE Lossless here) reads like any other."""
+    folder = tmp_path / "rle"
+    folder.mkdir()
+    for path in sorted(S01.iterdir())[:6]:
+        ds = pydicom.dcmread(str(path))
+        ds.compress(pydicom.uid.RLELossless)
+        ds.save_as(str(folder / path.name[:4]))
+    image, source = dicom.read_series(folder)
+    stored = np.stack([pydicom.dcmread(str(p)).pixel_array for p in source.files])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), stored)
+    files = dicom.write_series(image, source, tmp_path / "out", method="blur", tool_version=__version__,
+                               uid_map=dicom.UIDMap())
+    for path, expected in zip(files, stored):
+        ds = pydicom.dcmread(str(path))
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        np.testing.assert_array_equal(ds.pixel_array, expected)
+
+
+@needs_data
 def test_several_series_need_a_choice():
     with pytest.raises(InputError) as caught:
         dicom.read_series(S06)
