@@ -28,8 +28,7 @@ DEMONS_SMOOTHING_VOXELS = 2.0
 
 
 def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image, *,
-             deformable: bool = True, spacing_mm: float = DEFAULT_SPACING_MM, seed: int = 0,
-             threads: int = 2) -> sitk.Transform:
+             deformable: bool = True, spacing_mm: float = DEFAULT_SPACING_MM, seed: int = 0) -> sitk.Transform:
     """The transform that maps ``fixed`` physical points (LPS mm) onto ``moving``: resample ``moving`` with it.
 
     ``fixed_mask`` / ``moving_mask`` are the head masks (non-zero = tissue, on their image's grid): they
@@ -47,7 +46,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, movi
     initial = sitk.CenteredTransformInitializer(fixed_mask_small, moving_mask_small, sitk.Similarity3DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
     similarity = _run(fixed_small, moving_small, fixed_mask_small, moving_mask_small, initial,
-                      shrink=[4, 2, 1], sigmas_mm=[8.0, 4.0, 2.0], seed=seed, threads=threads)
+                      shrink=[4, 2, 1], sigmas_mm=[8.0, 4.0, 2.0], seed=seed)
     # Three scales but no shear: a full affine let the template's neck squash the head by 25 % in S on
     # subjects whose field of view ends at the chin.
     scaled = sitk.ScaleVersor3DTransform()
@@ -56,7 +55,7 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, movi
     scaled.SetTranslation(similarity.GetTranslation())
     scaled.SetScale([similarity.GetScale()] * 3)
     scaled = _run(fixed_small, moving_small, fixed_mask_small, moving_mask_small, scaled,
-                  shrink=[2, 1], sigmas_mm=[4.0, 2.0], seed=seed, threads=threads)
+                  shrink=[2, 1], sigmas_mm=[4.0, 2.0], seed=seed)
     if not deformable:
         return scaled
 
@@ -66,7 +65,6 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, movi
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetNumberOfIterations(DEMONS_ITERATIONS)
     demons.SetStandardDeviations(DEMONS_SMOOTHING_VOXELS)
-    demons.SetNumberOfThreads(threads)
     field = demons.Execute(fixed_distance, moving_distance)
     warp_field = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
     return sitk.CompositeTransform([scaled, warp_field])
@@ -90,9 +88,8 @@ def warp(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
 
 
 def _run(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image,
-         transform: sitk.Transform, *, shrink: list, sigmas_mm: list, seed: int, threads: int) -> sitk.Transform:
+         transform: sitk.Transform, *, shrink: list, sigmas_mm: list, seed: int) -> sitk.Transform:
     method = sitk.ImageRegistrationMethod()
-    method.SetNumberOfThreads(threads)
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentage(0.2, seed)

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .headmask import head_mask
+from .registration import register
 
 HEAD_FILE = "mean_reg2mean.nii.gz"
 FACE_MASK_FILE = "facemask.nii.gz"
@@ -58,3 +59,16 @@ def load_template() -> Template:
     head = sitk.GetImageFromArray(head_mask(image).astype(np.uint8))
     head.CopyInformation(image)
     return Template(image=image, head=head, face=face)
+
+
+def fit_template(image: sitk.Image, head: np.ndarray, seed: int = 0) -> sitk.Transform:
+    """The average head registered to ``image`` (similarity, scaling, smooth surface warp; see registration.py).
+
+    ``head`` is the subject's bool KJI head mask on ``image``'s grid. The transform maps the subject's
+    physical points (LPS mm) into the template: ``registration.warp(load_template().face, image, transform)``
+    puts the face mask on the subject's grid.
+    """
+    template = load_template()
+    subject_head = sitk.GetImageFromArray(head.astype(np.uint8))
+    subject_head.CopyInformation(image)
+    return register(image, template.image, subject_head, template.head, seed=seed)

@@ -1,0 +1,53 @@
+"""``reface``: everything outside the brain margin replaced by an average head registered to the subject.
+
+The idea of mri_reface (Mayo) and AFNI's ``@afni_refacer_run``, with SimpleITK instead of NiftyReg/ANTs/AFNI:
+the average head from the ``pydeface`` wheel (``template.py``) is registered to the subject (similarity,
+scaling, then a smooth warp of its skin surface onto the subject's), its intensities are mapped onto the
+subject's, and it replaces the subject's face, ears, scalp and skull. The output's outline is the
+template's, bent to the subject's head size and shape, so the subject's own face surface is gone.
+"""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..registration import warp
+from ..template import fit_template, load_template
+from . import MethodContext, MethodOutput, register
+
+# Quantiles matched between the template and the subject (percent): dense enough to follow fat, muscle
+# and bone marrow separately, clipped at 1/99 so that a few vessels or artefacts do not set the range.
+_QUANTILES = np.linspace(1.0, 99.0, 50)
+
+
+@register("reface", summary="replace face, ears, scalp and skull by an average head registered to the subject",
+          role="data-light remodeling baseline (like mri_reface / AFNI refacer)")
+def run(ctx: MethodContext) -> MethodOutput:
+    template = load_template()
+    with ctx.stage("register"):
+        transform = fit_template(ctx.image, ctx.head, seed=ctx.seed)
+    with ctx.stage("warp"):
+        values = sitk.GetArrayFromImage(warp(template.image, ctx.image, transform))
+        head = sitk.GetArrayFromImage(warp(template.head, ctx.image, transform, sitk.sitkNearestNeighbor)) > 0
+    with ctx.stage("intensity match"):
+        values = match_intensities(values, ctx.array, head & ctx.head & ~ctx.brain,
+                                   fallback=ctx.head & ~ctx.brain)
+    head |= ctx.brain
+    return MethodOutput(values=values, head=head, changed=(head | ctx.head) & ~ctx.brain)
+
+
+def match_intensities(values: np.ndarray, reference: np.ndarray, region: np.ndarray,
+                      fallback: np.ndarray) -> np.ndarray:
+    """``values`` (float32 KJI, a new array) mapped so their histogram in ``region`` matches ``reference``'s there.
+
+    A monotone quantile map (histogram matching) rather than a linear fit: the template's T1 contrast
+    between fat, muscle and bone need not scale linearly onto another scanner's (or a T2's) intensities.
+    ``fallback`` replaces ``region`` when it holds too few voxels (less than a thousand) to estimate quantiles.
+    """
+    if np.count_nonzero(region) < 1000:
+        region = fallback
+    source = np.percentile(values[region], _QUANTILES)
+    target = np.percentile(reference[region], _QUANTILES)
+    # np.interp needs strictly increasing sample points; flat stretches of the template's histogram repeat.
+    source = np.maximum.accumulate(source) + np.arange(source.size) * 1e-6 * max(1.0, float(np.ptp(source)))
+    return np.interp(values, source, target).astype(np.float32)
