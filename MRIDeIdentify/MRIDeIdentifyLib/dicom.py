@@ -94,20 +94,19 @@ class DicomSource:
 
     ``datasets``: classic: one header per file in output slice order (slice k of the image is
     ``datasets[k]``); enhanced: the single multi-frame header. ``frame_of_slice[k]`` is the frame index in
-    the enhanced file that holds image slice k (classic: ``k``). ``rescale[k]`` is (slope, intercept) of
-    slice k. ``origin``/``spacing``/``direction`` are the SimpleITK geometry (LPS mm) of the image read.
+    the enhanced file that holds image slice k (classic: ``k``). ``rescale`` is the (slope, intercept) of
+    every slice. ``origin``/``spacing``/``direction`` are the SimpleITK geometry (LPS mm) of the image read.
     """
 
     series_uid: str
     enhanced: bool
     datasets: List[Dataset]
     frame_of_slice: List[int]
-    rescale: List[Tuple[float, float]]
+    rescale: Tuple[float, float]
     origin: Tuple[float, float, float]
     spacing: Tuple[float, float, float]
     direction: Tuple[float, ...]
     size: Tuple[int, int, int]
-    modality: str = "MR"
     files: List[Path] = field(default_factory=list)
 
 
@@ -268,8 +267,7 @@ def _read_classic(uid: str, entries: List[Tuple[Path, Dataset]]) -> Tuple[sitk.I
     order, origin, spacing3, direction = _geometry(name, orientations, positions, spacing,
                                                    first.get("SliceThickness"))
     ordered = [entries[i] for i in order]
-    rescale = [_rescale_of(ds) for _, ds in ordered]
-    _check_uniform_rescale(name, rescale)
+    rescale = _uniform_rescale(name, [_rescale_of(ds) for _, ds in ordered])
     try:
         image = sitk.ReadImage([str(p) for p, _ in ordered])
     except RuntimeError as error:
@@ -277,8 +275,7 @@ def _read_classic(uid: str, entries: List[Tuple[Path, Dataset]]) -> Tuple[sitk.I
     array = sitk.GetArrayFromImage(image)
     datasets = [_header_only(ds) for _, ds in ordered]
     source = DicomSource(uid, False, datasets, list(range(len(ordered))), rescale, origin, spacing3, direction,
-                         (int(first.Columns), int(first.Rows), len(ordered)), str(first.get("Modality", "MR")),
-                         [p for p, _ in ordered])
+                         (int(first.Columns), int(first.Rows), len(ordered)), [p for p, _ in ordered])
     return _image(array, source), source
 
 
@@ -290,11 +287,13 @@ def _read_enhanced(path: Path, ds: Dataset) -> Tuple[sitk.Image, DicomSource]:
         raise InputError(f"{path.name}: multi-frame file without one Per-frame Functional Group per frame")
     shared_item = shared[0] if shared else Dataset()
 
-    def group(index: int, keyword: str) -> Dataset:
+    def group(index: int, keyword: str, required: bool = True) -> Dataset:
         for item in (per_frame[index], shared_item):
             if keyword in item and len(item[keyword].value):
                 return item[keyword].value[0]
-        raise InputError(f"{path.name}: frame {index + 1} has no {keyword}")
+        if required:
+            raise InputError(f"{path.name}: frame {index + 1} has no {keyword}")
+        return ds  # Pixel Value Transformation may sit at the top level instead
 
     orientations = [_vector(group(i, "PlaneOrientationSequence").get("ImageOrientationPatient"), 6,
                             "Image Orientation (Patient)", path.name) for i in range(frames)]
@@ -304,14 +303,8 @@ def _read_enhanced(path: Path, ds: Dataset) -> Tuple[sitk.Image, DicomSource]:
     spacing = _vector(measures.get("PixelSpacing"), 2, "Pixel Spacing", path.name)
     order, origin, spacing3, direction = _geometry(path.name, orientations, positions, spacing,
                                                    measures.get("SliceThickness"))
-    rescale_all = []
-    for i in range(frames):
-        try:
-            rescale_all.append(_rescale_of(group(i, "PixelValueTransformationSequence")))
-        except InputError:
-            rescale_all.append(_rescale_of(ds))
-    rescale = [rescale_all[i] for i in order]
-    _check_uniform_rescale(path.name, rescale)
+    rescale = _uniform_rescale(path.name, [_rescale_of(group(i, "PixelValueTransformationSequence", False))
+                                           for i in range(frames)])
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -320,15 +313,15 @@ def _read_enhanced(path: Path, ds: Dataset) -> Tuple[sitk.Image, DicomSource]:
     if array.shape[0] != frames:
         raise InputError(f"{path.name}: SimpleITK read {array.shape[0]} of {frames} frames")
     source = DicomSource(str(ds.SeriesInstanceUID), True, [_header_only(ds)], [int(i) for i in order], rescale,
-                         origin, spacing3, direction, (int(ds.Columns), int(ds.Rows), frames),
-                         str(ds.get("Modality", "MR")), [path])
+                         origin, spacing3, direction, (int(ds.Columns), int(ds.Rows), frames), [path])
     return _image(array[order], source), source
 
 
-def _check_uniform_rescale(name: str, rescale: List[Tuple[float, float]]) -> None:
+def _uniform_rescale(name: str, rescale: List[Tuple[float, float]]) -> Tuple[float, float]:
     # SimpleITK applies one slope/intercept to the whole volume; per-frame values would be read wrongly.
     if len(set(rescale)) > 1:
         raise InputError(f"{name}: Rescale Slope/Intercept differ between slices; not supported")
+    return rescale[0]
 
 
 def _header_only(ds: Dataset) -> Dataset:
@@ -402,15 +395,14 @@ def _check_grid(image: sitk.Image, source: DicomSource) -> None:
 
 
 def _stored_values(values: np.ndarray, source: DicomSource) -> np.ndarray:
-    """KJI real-world values -> stored values of the source's type, per slice ``round((v - b) / s)``."""
+    """KJI real-world values -> stored values of the source's type, ``round((value - intercept) / slope)``."""
     header = source.datasets[0]
     signed = int(header.get("PixelRepresentation", 0)) == 1
     dtype = np.dtype(f"{'i' if signed else 'u'}{int(header.BitsAllocated) // 8}")
     info = np.iinfo(dtype)
-    if all(r == (1.0, 0.0) for r in source.rescale) and values.dtype.kind in "iu":
+    if source.rescale == (1.0, 0.0) and values.dtype.kind in "iu":
         return np.clip(values, info.min, info.max).astype(dtype)
-    slope = np.asarray([s for s, _ in source.rescale])[:, None, None]
-    intercept = np.asarray([b for _, b in source.rescale])[:, None, None]
+    slope, intercept = source.rescale
     stored = np.rint((np.nan_to_num(values.astype(np.float64)) - intercept) / slope)
     return np.clip(stored, info.min, info.max).astype(dtype)
 
