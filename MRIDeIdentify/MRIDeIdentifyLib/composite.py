@@ -18,17 +18,17 @@ _BACKGROUND_GAP_VOXELS = 3
 
 
 def composite(image: sitk.Image, brain: np.ndarray, head: np.ndarray, output: MethodOutput,
-              seed: int = 0) -> sitk.Image:
+              threshold: float, seed: int = 0) -> sitk.Image:
     """The de-identified image: ``image``'s grid, pixel type and metadata-free header.
 
-    ``brain`` (bool KJI) is the region copied exactly; ``head`` (bool KJI) is the input's head mask, used
-    only to find the input's background. The returned image shares no memory with ``image``.
+    ``brain`` (bool KJI) is the region copied exactly; ``head`` (bool KJI) and ``threshold`` (the head
+    threshold, input units) find the input's background. The returned image shares no memory with ``image``.
     """
     original = sitk.GetArrayFromImage(image)
     values = np.where(output.head, output.values, np.float32(0)).astype(np.float32, copy=False)
     air = ~output.head
     if air.any():
-        values[air] = _background_sample(original, head, int(air.sum()), seed)
+        values[air] = _background_sample(original, head, threshold, int(air.sum()), seed)
     result = _to_dtype(values, original)
     result[brain] = original[brain]
     out = sitk.GetImageFromArray(result)
@@ -36,10 +36,15 @@ def composite(image: sitk.Image, brain: np.ndarray, head: np.ndarray, output: Me
     return out
 
 
-def _background_sample(original: np.ndarray, head: np.ndarray, count: int, seed: int) -> np.ndarray:
-    """``count`` values drawn at random from the input's background: its noise level without its structure."""
+def _background_sample(original: np.ndarray, head: np.ndarray, threshold: float, count: int,
+                       seed: int) -> np.ndarray:
+    """``count`` values drawn at random from the input's background: its noise level without its structure.
+
+    Only voxels below the head threshold count as air: ghosts and stray tissue bits outside the head mask
+    would otherwise be sprinkled over the background as bright specks.
+    """
     far = ~ndimage.binary_dilation(head, iterations=_BACKGROUND_GAP_VOXELS)
-    pool = original[far]
+    pool = original[far & (original < threshold)]
     if pool.size == 0:
         return np.full(count, original.min(), np.float32)
     rng = np.random.default_rng(seed)

@@ -73,7 +73,7 @@ def deidentify(image: sitk.Image, method: Optional[str] = None, *, brain_mask: O
     output = chosen.run(ctx)
     ctx.check_cancel()
     with ctx.stage("composite"):
-        result = composite(image, ctx.brain, ctx.head, output, seed=ctx.seed)
+        result = composite(image, ctx.brain, ctx.head, output, ctx.threshold, seed=ctx.seed)
     changed = output.changed if output.changed is not None else (output.head | ctx.head) & ~ctx.brain
     ctx.timings["total"] = time.perf_counter() - start
     record = provenance.record(method=chosen.name, seed=ctx.seed, margin_mm=float(margin_mm),
