@@ -248,12 +248,12 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._populateMethods()
             self.updateGUIFromParameterNode()
 
+        from MRIDeIdentifyLib.errors import Cancelled
+
         p = self._parameterNode
         self._setRunning(True)
         self.ui.statusLabel.text = "Running..."
         try:
-            from MRIDeIdentifyLib.errors import Cancelled
-
             outcome = self.logic.process(
                 p.GetNodeReference("InputVolume"), p.GetNodeReference("OutputVolume"), p.GetParameter("Method"),
                 brainMaskNode=p.GetNodeReference("BrainMask"), marginMm=float(p.GetParameter("MarginMm")),
@@ -341,7 +341,8 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
         """(name, summary) of the engine's methods, the default first; only the default while torch is missing."""
         try:
             from MRIDeIdentifyLib.methods import METHODS, default_method
-        except ImportError:
+        except Exception as error:  # torch missing, or a broken install: the panel must still open
+            logging.info(f"MRIDeIdentify: the method registry is not available yet ({error})")
             return [(DEFAULT_METHOD, "learned remodeling (install the dependencies to list every method)")]
         first = default_method()
         names = sorted(METHODS, key=lambda name: name != first)
