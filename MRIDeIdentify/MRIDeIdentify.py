@@ -40,6 +40,8 @@ PIP_REQUIREMENTS: Tuple[Tuple[str, str, str], ...] = (
     ("safetensors", "safetensors>=0.4", "reads the remodeling model's weights"),
     ("deepbet", "deepbet --no-deps", "the learned brain extractor (its weights)"),
     ("pydeface", "pydeface --no-deps", "the average head that 'reface' and 'deface' register to the subject"),
+    ("nibabel", "nibabel>=5.0", "image headers for the quickshear baseline"),
+    ("quickshear", "quickshear>=1.2", "the quickshear removal baseline"),
 )
 
 
