@@ -27,7 +27,8 @@ shift dates. The table is applied here, recursively, with:
 - dates removed or replaced by 19000101, or with ``date_shift_days`` every date shifted by that many days
   and times kept (Retain Longitudinal Temporal Information with Modified Dates Option, 113107); the birth
   date is emptied either way;
-- UIDs replaced through :class:`UIDMap` (same input UID -> same new UID within one run);
+- UIDs replaced through :class:`UIDMap` (same input UID -> same new UID within one run), and Patient's
+  Name and ID set to a per-run pseudonym of the patient (``DEID-`` + 12 hex digits);
 - (0012,0062) YES, (0012,0063) naming MRIDeIdentify, its version and the method, (0012,0064) with 113100,
   113102 (the face is remodelled or removed) and 113107 when dates are shifted; Image Type DERIVED.
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import os
 import pkgutil
 import secrets
@@ -115,6 +117,8 @@ class UIDMap:
 
     New UIDs are pydicom's (its root, then digits of a SHA-512 hash of a per-run random secret and the input
     UID), so a second run (another secret) gives other UIDs and nobody without the secret can link them.
+    The same secret gives each patient a pseudonym (:meth:`pseudonym`), so that a PACS or Slicer's DICOM
+    browser keeps one patient's series together without learning who it is.
     """
 
     def __init__(self, secret: Optional[str] = None) -> None:
@@ -123,6 +127,11 @@ class UIDMap:
     def __call__(self, uid: str) -> str:
         uid = str(uid).strip()
         return str(generate_uid(entropy_srcs=[self._secret, uid])) if uid else uid
+
+    def pseudonym(self, identity: str) -> str:
+        """``DEID-`` and 12 hex digits, the same for the same ``identity`` within one run."""
+        digest = hashlib.sha256(f"{self._secret}|patient|{identity}".encode()).hexdigest()
+        return f"DEID-{digest[:12].upper()}"
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -494,10 +503,16 @@ def profile_table() -> Tuple[str, Dict[int, str], Tuple[Tuple[int, int, str], ..
 
 def deidentify_dataset(ds: Dataset, uid_map: UIDMap, date_shift_days: Optional[int] = None, *,
                        enhanced: bool = False) -> None:
-    """Clean ``ds`` in place (recursively, file meta excluded) following PS3.15's Basic profile."""
+    """Clean ``ds`` in place (recursively, file meta excluded) following PS3.15's Basic profile.
+
+    Patient's Name and ID become the run's pseudonym of the original ID and name (a dummy value, which the
+    profile's Z and Z/D actions allow) instead of empty: PACS often refuse an empty Patient ID.
+    """
     _, actions, masked = profile_table()
     required = {tag_for_keyword(k): v for k, v in _REQUIRED[enhanced].items()}
+    identity = f"{ds.get('PatientID', '')}|{ds.get('PatientName', '')}"
     _clean(ds, actions, masked, required, uid_map, date_shift_days)
+    ds.PatientID = ds.PatientName = uid_map.pseudonym(identity)
 
 
 def _clean(ds: Dataset, actions: Dict[int, str], masked: Tuple, required: Dict[int, str], uid_map: UIDMap,

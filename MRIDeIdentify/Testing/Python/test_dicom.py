@@ -261,8 +261,9 @@ def test_output_is_marked_deidentified(written):
         assert codes == {("113100", "DCM"), ("113102", "DCM")}
         assert ds.LongitudinalTemporalInformationModified == "REMOVED"
         assert ds.ImageType[0] == "DERIVED"
-        for name in ("PatientName", "PatientID", "PatientBirthDate", "StudyDate"):
+        for name in ("PatientBirthDate", "StudyDate"):
             assert name in ds and not ds[name].value  # Type 2: present and empty
+        assert re.fullmatch(r"DEID-[0-9A-F]{12}", ds.PatientID) and ds.PatientName == ds.PatientID
 
 
 @needs_data
@@ -277,6 +278,8 @@ def test_uid_mapping_is_stable_within_a_run_and_differs_across_runs(tmp_path):
     a, b = (pydicom.dcmread(str(written[u]), stop_before_pixels=True) for u in (ser5, ser6))
     original = pydicom.dcmread(str(_input_files(S06, ser5)[0]), stop_before_pixels=True)
     assert a.StudyInstanceUID == b.StudyInstanceUID == run(original.StudyInstanceUID)  # the study stays together
+    assert a.PatientID == b.PatientID and a.PatientID != dicom.UIDMap().pseudonym(f"{original.PatientID}|"
+                                                                                   f"{original.PatientName}")
     assert a.SeriesInstanceUID != b.SeriesInstanceUID
     assert a.SeriesInstanceUID == run(ser5) and run(ser5) == run(ser5)
     assert a.StudyInstanceUID != original.StudyInstanceUID
@@ -473,7 +476,7 @@ def test_cli_run_writes_a_brain_exact_deidentified_series(case, tmp_path, capsys
     assert not np.array_equal(after[~brain], before[~brain])
     ds = pydicom.dcmread(str(next(out.iterdir())), stop_before_pixels=True)
     assert ds.PatientIdentityRemoved == "YES" and "blur" in ds.DeidentificationMethod
-    assert not ds.PatientName and "InstitutionName" not in ds
+    assert ds.PatientName == ds.PatientID != "" and "InstitutionName" not in ds
 
 
 @needs_data
