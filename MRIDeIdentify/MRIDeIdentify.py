@@ -425,6 +425,18 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
         slicer.util.updateVolumeFromArray(volumeNode, sitk.GetArrayFromImage(image))
         volumeNode.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
 
+    @staticmethod
+    def _forgetIdentity(volumeNode) -> None:
+        """Detach a reused output node from any patient: DICOM attributes removed, subject hierarchy item moved to
+        the scene root (a DICOM export of it would otherwise take the patient and study of its parent folders)."""
+        for name in list(volumeNode.GetAttributeNames() or []):
+            if name.startswith("DICOM"):
+                volumeNode.RemoveAttribute(name)
+        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volumeNode.GetScene())
+        item = shNode.GetItemByDataNode(volumeNode) if shNode else 0
+        if item:
+            shNode.SetItemParent(item, shNode.GetSceneItemID())
+
     def _brainMaskImage(self, brainMaskNode, inputVolumeNode):
         """The user's brain mask (labelmap or segmentation node) as a SimpleITK image, or None."""
         if brainMaskNode is None:
@@ -510,6 +522,7 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
         if outputVolumeNode is None:
             outputVolumeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", self.outputName(inputVolumeNode))
         self._fillVolumeNode(outputVolumeNode, result.image, inputVolumeNode)
+        self._forgetIdentity(outputVolumeNode)
         if outputVolumeNode.GetDisplayNode() is None:
             outputVolumeNode.CreateDefaultDisplayNodes()
         inputDisplay, outputDisplay = inputVolumeNode.GetDisplayNode(), outputVolumeNode.GetDisplayNode()

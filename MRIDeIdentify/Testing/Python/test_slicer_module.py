@@ -141,6 +141,29 @@ def test_face_region_is_outside_the_brain_and_changed(processed):
     assert segment.GetName() == "face region (remodeled)"
 
 
+def test_a_reused_output_node_is_detached_from_the_patient(processed, headless, logic):
+    """An output node picked from the scene loses its DICOM attributes and leaves the patient's study folder."""
+    inputNode = processed["input"]
+    scene = headless.scene
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Doe^Jane"), "MR brain 2024-01-02")
+    reused = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "previous series")
+    reused.SetAttribute("DICOM.instanceUIDs", "1.2.826.0.1.3680043.2.1125.1")
+    item = sh.CreateItem(study, reused)
+    assert sh.GetItemParent(item) == study
+    brain = _segment_array(processed["brain"], inputNode).astype(np.uint8)
+    mask = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "mask")
+    mask.SetIJKToRASMatrix(_vtk_matrix(_matrix(inputNode)))
+    slicer.util.updateVolumeFromArray(mask, brain)
+    outcome = logic.process(inputNode, reused, "blur", brainMaskNode=mask, marginMm=0.0, device="cpu")
+    assert outcome.outputVolumeNode is reused
+    assert not [name for name in reused.GetAttributeNames() or [] if name.startswith("DICOM")]
+    assert sh.GetItemParent(sh.GetItemByDataNode(reused)) == sh.GetSceneItemID()
+    assert np.array_equal(_matrix(reused), _matrix(inputNode))
+    for node in (reused, mask):
+        scene.RemoveNode(node)
+
+
 def test_progress_reports_each_stage_start_and_end(processed):
     stages = processed["stages"]
     names = [stage for stage, _ in stages]
