@@ -192,7 +192,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except InputError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        # The contract is one line: library messages (nibabel, ITK) sometimes carry line breaks.
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except Cancelled as error:
         print(f"{PROG}: {error}", file=sys.stderr)

@@ -6,10 +6,13 @@ with one line saying why.
 """
 from __future__ import annotations
 
-import gzip
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, List, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -104,22 +107,53 @@ def check_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
 
 
 def _read_itk(path: Path) -> sitk.Image:
-    if path.name.lower().endswith(".gz"):
-        _check_gzip(path)
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise InputError(f"{path.name}: cannot be read as an image ({_itk_reason(error)})") from None
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti(path)
+    with _captured_stderr() as messages:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            raise InputError(f"{path.name}: cannot be read as an image ({_itk_reason(error)})") from None
+    # MetaIO reports missing or short data files on stderr and still returns an image.
+    complaint = "".join(messages).strip()
+    if complaint:
+        raise InputError(f"{path.name}: cannot be read completely ({complaint.splitlines()[-1].strip()})")
+    return image
 
 
-def _check_gzip(path: Path) -> None:
-    """Decompress once to catch truncated or non-gzip files with a clear reason (ITK's message is a page)."""
+def _check_nifti(path: Path) -> None:
+    """What ITK's NIfTI reader lets through: damaged gzip, a data section shorter than the header promises
+    (zero-filled) and NaN/inf voxels (turned into 0, which would break the bit-identical brain)."""
+    import nibabel as nib
     try:
-        with gzip.open(path, "rb") as stream:
-            while stream.read(1 << 24):
-                pass
+        data = np.asanyarray(nib.load(str(path)).dataobj)
     except (OSError, EOFError) as error:
-        raise InputError(f"{path.name}: damaged gzip data ({error})") from None
+        what = "gzip stream" if path.name.lower().endswith(".gz") else "data"
+        raise InputError(f"{path.name}: damaged or truncated {what} ({error})") from None
+    except Exception as error:  # nibabel raises ValueError/ImageFileError/... for inconsistent headers
+        raise InputError(f"{path.name}: cannot be read as NIfTI ({str(error).splitlines()[0]})") from None
+    if data.dtype.kind in "fc" and not np.isfinite(data).all():
+        raise InputError(f"{path.name}: contains NaN or infinite voxel values")
+
+
+@contextmanager
+def _captured_stderr() -> Iterator[List[str]]:
+    """Collect what native code writes to file descriptor 2 (ITK's MetaIO warnings) instead of printing it.
+
+    The yielded list holds the captured text once the block has ended.
+    """
+    sys.stderr.flush()
+    captured: List[str] = []
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read())
 
 
 def _itk_reason(error: RuntimeError) -> str:

@@ -65,6 +65,8 @@ def check_output_path(output: Path, input_path: Path) -> None:
     probe = parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{probe}: is a file, not a folder, so {parent} cannot be created for the output")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise InputError(f"{parent}: the output folder is not writable")
     if output.is_dir() and format_of(input_path) != "dicom":

@@ -371,17 +371,7 @@ CASES: Dict[str, Case] = {
 }
 NEEDS_DICOM = {"dicom-two-series", "dicom-truncated-pixels", "output-inside-dicom-input"}
 # Engine bugs this corpus found; the lead flips them by fixing the engine (see the test report).
-_NIFTI_NON_FINITE = ("ITK's NIfTI reader (niftilib) silently turns NaN/inf voxels into 0, so reader.check_volume "
-                     "never sees them and the 'bit-identical' brain differs from the input")
 KNOWN_BUGS: Dict[str, str] = {
-    "nan-voxels-nifti": _NIFTI_NON_FINITE,
-    "inf-voxels-nifti": _NIFTI_NON_FINITE,
-    "header-promises-more-data": "ITK's NIfTI reader zero-fills a short data section without an error",
-    "gzip-stream-shorter-than-header": "ITK's NIfTI reader zero-fills a short data section without an error",
-    "mhd-missing-data-file": "ITK's MetaIO prints 'MetaImage: Read: Cannot open data file' on stderr (a second line)",
-    "mha-short-data": "ITK's MetaIO prints 'M_ReadElementsData: data not read completely' on stderr (extra lines)",
-    "output-under-an-executable-file": "writer.check_output_path accepts a file as the output's folder when it "
-                                       "has an execute bit; the run then fails after all the work with exit 1",
 }
 # Run in a real subprocess by default (the rest only with -m slow): one per reading path.
 SUBPROCESS_FAST = {"empty-file", "text-named-nii-gz", "unknown-method"}
