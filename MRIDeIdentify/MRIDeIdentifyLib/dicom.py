@@ -30,7 +30,7 @@ shift dates. The table is applied here, recursively, with:
 - UIDs replaced through :class:`UIDMap` (same input UID -> same new UID within one run), and Patient's
   Name and ID set to a per-run pseudonym of the patient (``DEID-`` + 12 hex digits);
 - (0012,0062) YES, (0012,0063) naming MRIDeIdentify, its version and the method, (0012,0064) with 113100,
-  113102 (the face is remodelled or removed) and 113107 when dates are shifted; Image Type DERIVED.
+  113102 (the face is remodelled or removed) and 113107 when dates are shifted.
 
 Options left out: Retain Patient Characteristics (113108), Retain Device Identity (113109), Retain UIDs
 (113110), Retain Safe Private (113111), Retain Institution Identity (113112), Clean Descriptors (113105: the
@@ -473,7 +473,8 @@ def _save(ds: Dataset, path: Path) -> None:
 # strongest action (X, else Z).
 _REQUIRED = {
     False: {"ContentDate": "Z", "ContentTime": "Z"},
-    True: {"ContentDate": "D", "ContentTime": "D", "DeviceSerialNumber": "D", "AcquisitionContextSequence": "Z"},
+    True: {"ContentDate": "D", "ContentTime": "D", "AcquisitionDateTime": "D", "DeviceSerialNumber": "D",
+           "AcquisitionContextSequence": "Z"},
 }
 _CATEGORIES = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D", "X_Z_TAGS": "X/Z",
                "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*"}
@@ -606,7 +607,11 @@ def _shift_date(text: str, vr: str, days: int) -> str:
 
 
 def mark_deidentified(ds: Dataset, method: str, tool_version: str, date_shift_days: Optional[int]) -> None:
-    """Add the de-identification attributes (0012,0062-0064), (0028,0303), a series description, DERIVED."""
+    """Add the de-identification attributes (0012,0062-0064), (0028,0303) and a series description.
+
+    Image Type stays as the scanner wrote it: DERIVED would make the Enhanced MR pulse-sequence attributes
+    forbidden (dciodvfy errors) and PS3.15 does not ask for it.
+    """
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = f"MRIDeIdentify {tool_version} ({method}); DICOM PS3.15 Basic Profile"[:64]
     codes = [("113100", "Basic Application Confidentiality Profile"),
@@ -621,15 +626,3 @@ def mark_deidentified(ds: Dataset, method: str, tool_version: str, date_shift_da
     ds.DeidentificationMethodCodeSequence = DicomSequence(items)
     ds.LongitudinalTemporalInformationModified = "MODIFIED" if date_shift_days is not None else "REMOVED"
     ds.SeriesDescription = f"de-identified ({method})"[:64]
-    _derived(ds)
-
-
-def _derived(ds: Dataset) -> None:
-    """Image Type / Frame Type value 1 DERIVED, value 2 SECONDARY: the pixels outside the brain are new."""
-    for item in [ds, *[i for key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
-                       for group in ds.get(key, []) for i in group.get("MRImageFrameTypeSequence", [])]]:
-        for keyword in ("ImageType", "FrameType"):
-            if keyword in item:
-                values = list(item[keyword].value) if item[keyword].VM > 1 else [str(item[keyword].value)]
-                values[:2] = ["DERIVED", "SECONDARY"]
-                setattr(item, keyword, values)
