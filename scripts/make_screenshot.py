@@ -3,6 +3,7 @@
     .venv/bin/python scripts/make_screenshot.py [--head PATH] [--method NAME] [--out DIR]
     .venv/bin/python scripts/make_screenshot.py --docs      # docs/screenshot-before-after.png (average head)
     .venv/bin/python scripts/make_screenshot.py --icon      # MRIDeIdentify/Resources/Icons/MRIDeIdentify.png
+    .venv/bin/python scripts/make_screenshot.py --panel     # docs/panel.png (the .ui in Qt, PySide6)
 
 The head is loaded into a real MRML scene (slicer-core), de-identified by the module's Logic, shown with
 ``showBeforeAfter`` (dual 3-D layout, MR volume-rendering preset, cameras on the face) and both 3-D views are
@@ -22,13 +23,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MRIDeIdentify" / "Testing" / "Python"))
 
 from conftest import HEADS_DIR  # noqa: E402
-from slicer_scene import HeadlessSlicer, import_module_file  # noqa: E402
+from slicer_scene import HeadlessSlicer, import_module_file, load_panel  # noqa: E402
 
 DEFAULT_HEAD = HEADS_DIR / "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz"
 # MNI152 with an extended field of view: an average of 152 people, whole face and chin.
 AVERAGE_HEAD = HEADS_DIR / "T02_MNI152_T1_2mmEXT.nii.gz"
 ICON = REPO / "MRIDeIdentify" / "Resources" / "Icons" / "MRIDeIdentify.png"
 SCREENSHOT = REPO / "docs" / "screenshot-before-after.png"
+PANEL = REPO / "docs" / "panel.png"
 
 
 def render_before_after(head: Path, out_dir: Path, method: str | None = None, size: int = 480,
@@ -118,6 +120,30 @@ def draw_icon(path: Path = ICON, size: int = 128) -> Path:
     return path
 
 
+def draw_panel(path: Path = PANEL) -> Path:
+    """The panel as Qt lays it out from the .ui, the lists filled as the Widget's setup() fills them, every section
+    expanded. Slicer's own widgets are stand-ins there (node selectors show their 'none' entry or node type)."""
+    from PySide6.QtWidgets import QComboBox, QWidget
+
+    module = import_module_file()
+    app, panel = load_panel()
+    methods = panel.findChild(QComboBox, "methodComboBox")
+    for name, summary in module.MRIDeIdentifyLogic.availableMethods():
+        methods.addItem(name, name)
+    panel.findChild(QWidget, "methodDescriptionLabel").setText(module.MRIDeIdentifyLogic.availableMethods()[0][1])
+    devices = panel.findChild(QComboBox, "deviceComboBox")
+    for value, label in module.DEVICES:
+        devices.addItem(label, value)
+    panel.findChild(QWidget, "advancedCollapsibleButton").setProperty("collapsed", False)
+    panel.findChild(QWidget, "progressBar").hide()
+    panel.resize(400, 660)
+    panel.show()
+    app.processEvents()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    panel.grab().save(str(path))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--head", type=Path, default=DEFAULT_HEAD, help="head volume (NIfTI/NRRD)")
@@ -126,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=480, help="pixels per view")
     parser.add_argument("--docs", action="store_true", help="write docs/screenshot-before-after.png (average head)")
     parser.add_argument("--icon", action="store_true", help="draw the module icon")
+    parser.add_argument("--panel", action="store_true", help="draw the panel from the .ui (needs PySide6)")
     args = parser.parse_args(argv)
+    if args.panel:
+        print(draw_panel())
+        return 0
     if args.icon:
         print(draw_icon())
         return 0

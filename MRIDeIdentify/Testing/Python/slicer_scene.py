@@ -181,3 +181,89 @@ def import_module_file() -> types.ModuleType:
     sys.modules["MRIDeIdentify"] = module
     spec.loader.exec_module(module)
     return module
+
+
+# --- the panel in real Qt (PySide6), with STAND-INS for Slicer's custom widgets ------------------------------------
+
+def load_panel(ui_file: Path = MODULE_DIR / "Resources" / "UI" / "MRIDeIdentify.ui"):
+    """Load the module's .ui with Qt's own QUiLoader (PySide6, offscreen). Returns (QApplication, top widget).
+
+    Slicer's widget classes (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox, ctkPathLineEdit) are not in
+    PySide6: minimal STAND-INS with the same class names and the properties the .ui sets take their place, so the
+    layout, the Qt widgets and the property values are those of the file.
+    """
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from PySide6.QtCore import Property
+    from PySide6.QtUiTools import QUiLoader
+    from PySide6.QtWidgets import QApplication, QComboBox, QGroupBox, QLineEdit, QWidget
+
+    class qMRMLWidget(QWidget):  # noqa: N801 - Slicer's class name
+        """STAND-IN for Slicer's qMRMLWidget."""
+
+    class ctkCollapsibleButton(QGroupBox):  # noqa: N801
+        """STAND-IN for CTK's collapsible section: a group box whose title is the button text."""
+
+        def _text(self):
+            return self.title()
+
+        def _set_text(self, text):
+            self.setTitle(text)
+
+        def _collapsed(self):
+            return getattr(self, "_is_collapsed", False)
+
+        def _set_collapsed(self, collapsed):
+            self._is_collapsed = collapsed
+            self.setTitle(("\u25b8 " if collapsed else "") + self.title().lstrip("\u25b8 "))
+
+        text = Property(str, _text, _set_text)
+        collapsed = Property(bool, _collapsed, _set_collapsed)
+
+    class qMRMLNodeComboBox(QComboBox):  # noqa: N801
+        """STAND-IN for Slicer's node selector: keeps the properties, shows the 'none' entry or the node type."""
+
+        def __init__(self, parent=None):
+            super().__init__(parent)
+            self._properties = {"nodeTypes": [], "noneEnabled": False, "noneDisplay": "None"}
+
+        def _getter(name):
+            return lambda self: self._properties.get(name)
+
+        def _setter(name):
+            def set_value(self, value):
+                self._properties[name] = value
+                self.clear()
+                self.addItem(self._properties["noneDisplay"] if self._properties["noneEnabled"]
+                             else " / ".join(t.replace("vtkMRML", "").replace("Node", "")
+                                             for t in self._properties["nodeTypes"]))
+            return set_value
+
+        nodeTypes = Property(list, _getter("nodeTypes"), _setter("nodeTypes"))
+        noneEnabled = Property(bool, _getter("noneEnabled"), _setter("noneEnabled"))
+        noneDisplay = Property(str, _getter("noneDisplay"), _setter("noneDisplay"))
+        addEnabled = Property(bool, _getter("addEnabled"), _setter("addEnabled"))
+        removeEnabled = Property(bool, _getter("removeEnabled"), _setter("removeEnabled"))
+        renameEnabled = Property(bool, _getter("renameEnabled"), _setter("renameEnabled"))
+        showChildNodeTypes = Property(bool, _getter("showChildNodeTypes"), _setter("showChildNodeTypes"))
+        baseName = Property(str, _getter("baseName"), _setter("baseName"))
+
+    class ctkPathLineEdit(QLineEdit):  # noqa: N801
+        """STAND-IN for CTK's path editor."""
+
+        def _name_filters(self):
+            return getattr(self, "_filters", [])
+
+        def _set_name_filters(self, filters):
+            self._filters = filters
+            self.setPlaceholderText(", ".join(filters))
+
+        nameFilters = Property(list, _name_filters, _set_name_filters)
+
+    app = QApplication.instance() or QApplication([])
+    loader = QUiLoader()
+    for stand_in in (qMRMLWidget, ctkCollapsibleButton, qMRMLNodeComboBox, ctkPathLineEdit):
+        loader.registerCustomWidget(stand_in)
+    panel = loader.load(str(ui_file))
+    if panel is None:
+        raise RuntimeError(f"QUiLoader could not load {ui_file}: {loader.errorString()}")
+    return app, panel

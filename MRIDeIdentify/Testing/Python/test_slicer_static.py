@@ -111,6 +111,42 @@ def test_signals_the_widget_connects_by_name_exist_on_those_classes(ui):
         assert signal in signals[widgets[name]], f"{name} ({widgets[name]}) has no signal {signal}"
 
 
+def _module_constant(name: str):
+    tree = ast.parse(MODULE_FILE.read_text())
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if any(getattr(target, "id", "") == name for target in targets):
+            return ast.literal_eval(node.value)
+    raise KeyError(name)
+
+
+def test_panel_loads_in_qt_with_the_module_defaults():
+    """Qt's own UI loader (PySide6) builds the panel: every self.ui.X exists with the class the .ui gives it, the
+    spin boxes start at the module's defaults, and the Qt signals the widget connects by name exist."""
+    pytest.importorskip("PySide6", reason="PySide6-Essentials is not installed")
+    from PySide6.QtCore import QMetaObject
+    from PySide6.QtWidgets import QWidget
+
+    from slicer_scene import load_panel
+
+    _, panel = load_panel(UI_FILE)
+    assert panel.objectName() == "MRIDeIdentify"
+    classes = _widgets(ET.parse(UI_FILE).getroot())
+    for name in set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text())):
+        child = panel.findChild(QWidget, name)
+        assert child is not None, name
+        assert type(child).__name__ == classes[name] or child.metaObject().className() == classes[name], name
+    assert panel.findChild(QWidget, "rotationsSpinBox").value() == _module_constant("DEFAULT_ROTATIONS")
+    assert panel.findChild(QWidget, "facetsSpinBox").value() == _module_constant("DEFAULT_FACETS")
+    assert panel.findChild(QWidget, "marginSpinBox").value() == _module_constant("DEFAULT_MARGIN_MM")
+    assert panel.findChild(QWidget, "seedSpinBox").maximum() == 2**31 - 1
+    assert not panel.findChild(QWidget, "applyButton").isEnabled()
+    for name, signal in re.findall(r"self\.ui\.(\w+)\.connect\(\s*\"([^\"]+)\"", MODULE_FILE.read_text()):
+        if classes[name].startswith("Q"):
+            meta = panel.findChild(QWidget, name).metaObject()
+            assert meta.indexOfSignal(QMetaObject.normalizedSignature(signal).data().decode()) >= 0, (name, signal)
+
+
 # --- packaging: CMake, the Extensions Index entry, icon ----------------------------------------------------------
 
 def _cmake_list(text: str, variable: str) -> list[str]:
