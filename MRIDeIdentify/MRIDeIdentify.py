@@ -125,10 +125,13 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _populateMethods(self):
         """Fill the method list from the engine's registry (it needs torch; before installation only the default)."""
+        # Refilling must not write a transient selection into the parameter node (it would replace the user's).
+        wasBlocked = self.ui.methodComboBox.blockSignals(True)
         self.ui.methodComboBox.clear()
         for name, summary in self.logic.availableMethods():
             self.ui.methodComboBox.addItem(name, name)
             self.ui.methodComboBox.setItemData(self.ui.methodComboBox.count - 1, summary, qt.Qt.ToolTipRole)
+        self.ui.methodComboBox.blockSignals(wasBlocked)
 
     def cleanup(self):
         self.removeObservers()
