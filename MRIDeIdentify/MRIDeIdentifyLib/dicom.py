@@ -164,11 +164,12 @@ def read_series(folder: Path, series_uid: Optional[str] = None) -> Tuple[sitk.Im
     entries = groups[uid]
     for path, ds in entries:
         _check_pixel_data(path, ds)
-    multi = [entry for entry in entries if _frames(entry[1]) > 1]
+    multi = [entry for entry in entries
+             if _frames(entry[1]) > 1 or "PerFrameFunctionalGroupsSequence" in entry[1]]
     if multi:
         if len(entries) != 1:
-            raise InputError(f"{folder.name}: series {uid} mixes {len(multi)} multi-frame file(s) with "
-                             f"{len(entries) - len(multi)} other file(s); one enhanced file per series is supported")
+            raise InputError(f"{folder.name}: series {uid} has {len(entries)} files of which {len(multi)} "
+                             "multi-frame (enhanced); one enhanced file per series is supported")
         return _read_enhanced(*entries[0])
     return _read_classic(uid, entries)
 
