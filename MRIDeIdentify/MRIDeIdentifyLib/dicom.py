@@ -236,7 +236,10 @@ def _geometry(name: str, orientations: List[np.ndarray], positions: List[np.ndar
     row, col = orientation[:3], orientation[3:]
     normal = np.cross(row, col)
     if abs(np.linalg.norm(normal) - 1) > 1e-3:
-        raise InputError(f"{name}: Image Orientation (Patient) is not a pair of unit vectors")
+        raise InputError(f"{name}: Image Orientation (Patient) is not a pair of orthogonal unit vectors")
+    # Headers round the cosines to a few digits; SimpleITK and NIfTI want an orthonormal direction.
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
     positions_array = np.asarray(positions)
     along = positions_array @ normal
     order = np.argsort(along, kind="stable")
