@@ -245,6 +245,9 @@ def test_before_after_views_render_the_two_volumes(processed, headless, logic):
     inputNode, outputNode = processed["input"], processed["outcome"].outputVolumeNode
     left, right = logic.showBeforeAfter(inputNode, outputNode)
     scene = headless.scene
+    displays = scene.GetNumberOfNodesByClass("vtkMRMLVolumeRenderingDisplayNode")
+    assert [view.GetID() for view in logic.showBeforeAfter(inputNode, outputNode)] == [left.GetID(), right.GetID()]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLVolumeRenderingDisplayNode") == displays == 2, "not idempotent"
     assert scene.GetFirstNodeByClass("vtkMRMLLayoutNode").GetViewArrangement() == \
         slicer.vtkMRMLLayoutNode.SlicerLayoutDual3DView
     assert (left.GetLayoutName(), right.GetLayoutName()) == ("1", "2")
