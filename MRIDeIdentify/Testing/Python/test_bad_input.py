@@ -342,12 +342,12 @@ CASES: Dict[str, Case] = {
     "rgb-image": Case(rgb, "colour"),
     "text-named-nii-gz": Case(text_named_nii_gz, "gzip"),
     "gzipped-text-named-nii-gz": Case(gzipped_text_named_nii_gz, "cannot be read"),
-    "header-promises-more-data": Case(header_promises_more_data, "truncated|bytes|cannot be read"),
-    "gzip-stream-shorter-than-header": Case(gzip_stream_shorter_than_header, "truncated|bytes|cannot be read"),
+    "header-promises-more-data": Case(header_promises_more_data, "truncated"),
+    "gzip-stream-shorter-than-header": Case(gzip_stream_shorter_than_header, "truncated"),
     "nrrd-short-data-file": Case(nrrd_short_data_file, "cannot be read"),
-    "mha-short-data": Case(mha_short_data, "cannot be read"),
+    "mha-short-data": Case(mha_short_data, "not read completely"),
     "nrrd-missing-data-file": Case(nrrd_missing_data_file, "cannot be read"),
-    "mhd-missing-data-file": Case(mhd_missing_data_file, "cannot be read"),
+    "mhd-missing-data-file": Case(mhd_missing_data_file, "data file"),
     "corrupted-mgz": Case(corrupted_mgz, "MGZ"),
     "dicom-two-series": Case(dicom_two_series, "2 series"),
     "dicom-truncated-pixels": Case(dicom_truncated_pixels, "truncated"),
@@ -356,7 +356,7 @@ CASES: Dict[str, Case] = {
     "mask-on-distant-grid": Case(mask_on_distant_grid, "overlap"),
     "mask-outside-head": Case(mask_outside_head, "overlap the head"),
     "missing-mask": Case(missing_mask, "no such file"),
-    "output-under-a-file": Case(output_under_a_file, "not writable|not a folder"),
+    "output-under-a-file": Case(output_under_a_file, "not a folder"),
     "output-under-an-executable-file": Case(output_under_an_executable_file, "not a folder"),
     "read-only-output-folder": Case(read_only_output_folder, "writable"),
     "output-is-input": Case(output_is_input, "input path"),
@@ -371,7 +371,11 @@ CASES: Dict[str, Case] = {
 }
 NEEDS_DICOM = {"dicom-two-series", "dicom-truncated-pixels", "output-inside-dicom-input"}
 # Engine bugs this corpus found; the lead flips them by fixing the engine (see the test report).
+_METAIO_REASON = ("the reason is ITK's leftover errno 'No such file or directory'; MetaIO's own complaint, "
+                  "captured by reader._captured_stderr, is dropped when sitk.ReadImage raises")
 KNOWN_BUGS: Dict[str, str] = {
+    "mhd-missing-data-file": _METAIO_REASON,
+    "mha-short-data": _METAIO_REASON,
 }
 # Run in a real subprocess by default (the rest only with -m slow): one per reading path.
 SUBPROCESS_FAST = {"empty-file", "text-named-nii-gz", "unknown-method"}
