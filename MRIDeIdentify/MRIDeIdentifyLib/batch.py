@@ -60,6 +60,17 @@ def _has_dicm_preamble(path: Path) -> bool:
         return False
 
 
+def _relative_output(root: Path, scan: Path, number: int) -> Path:
+    """Where a scan's output goes, relative to the output folder.
+
+    Image files keep their relative path (BIDS names carry no identity). DICOM folders are named by their
+    position in the sorted input instead: PACS exports name folders after the patient and the study.
+    """
+    if scan.is_dir():
+        return Path(f"dicom-series-{number:04d}")
+    return scan.relative_to(root)
+
+
 def parse_shard(text: str) -> Tuple[int, int]:
     try:
         index, count = (int(v) for v in text.split("/"))
@@ -84,10 +95,11 @@ def write_dataset_description(output: Path) -> None:
 
 def run_batch(args: argparse.Namespace) -> int:
     """The ``batch`` command. Exit 0 when every scan succeeded or was already done."""
-    from .cli import run_one
+    from .cli import DicomRun, run_one
 
     root, output = args.input, args.output
     scans, bids = find_scans(root)
+    targets = {scan: output / _relative_output(root, scan, number) for number, scan in enumerate(scans)}
     if args.shard:
         index, count = parse_shard(args.shard)
         scans = scans[index::count]
@@ -97,19 +109,20 @@ def run_batch(args: argparse.Namespace) -> int:
         raise InputError(f"{output}: the output folder may not be the input folder or inside it")
     if bids:
         write_dataset_description(output)
+    dicom_run = DicomRun(args.shift_dates) if any(scan.is_dir() for scan in scans) else None
     done = skipped = 0
     failures: List[Tuple[Path, str]] = []
     bar = tqdm(scans, desc="de-identifying", unit="scan", file=sys.stderr, disable=None)
     for scan in bar:
         relative = scan.relative_to(root)
-        target = output / relative
+        target = targets[scan]
         if target.exists():
             skipped += 1
             continue
         bar.set_postfix_str(str(relative))
         qa = args.qa / relative.parent / relative.name.split(".")[0] if args.qa else None
         try:
-            run_one(scan, target, args, quiet=True, qa_dir=qa)
+            run_one(scan, target, args, quiet=True, qa_dir=qa, dicom_run=dicom_run)
             done += 1
         except InputError as error:
             failures.append((relative, str(error)))

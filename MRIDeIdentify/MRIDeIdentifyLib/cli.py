@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rotations", type=int, metavar="K", help="random rotations for the head surface (remodel)")
     parser.add_argument("--facets", type=int, metavar="N", help="hull facets carving the head shape (remodel)")
     parser.add_argument("--series", metavar="UID", help="DICOM SeriesInstanceUID when the folder holds several")
+    parser.add_argument("--shift-dates", action="store_true",
+                        help="DICOM output: keep dates shifted by one random offset per run instead of removing "
+                             "them (the offset is recorded nowhere)")
     parser.add_argument("--qa", type=Path, metavar="DIR", help="write before/after face renderings into DIR")
 
 
@@ -93,9 +97,19 @@ def progress_printer(label: str = "") -> Callable[[str, float], None]:
     return report
 
 
+class DicomRun:
+    """What every DICOM series of one invocation shares: the UID map (series of a study stay together) and
+    the date offset (intervals between studies survive, the absolute dates do not)."""
+
+    def __init__(self, shift_dates: bool = False) -> None:
+        from .dicom import UIDMap
+        self.uid_map = UIDMap()
+        self.date_shift_days = -(secrets.randbelow(3650) + 1) if shift_dates else None
+
+
 def run_one(input_path: Path, output: Path, args: argparse.Namespace, *, quiet: bool = False,
             save_brain_mask: Optional[Path] = None, save_face_mask: Optional[Path] = None,
-            qa_dir: Optional[Path] = None) -> dict:
+            qa_dir: Optional[Path] = None, dicom_run: Optional[DicomRun] = None) -> dict:
     """Read, de-identify and write one scan; returns its provenance. Raises InputError for unusable input."""
     from .pipeline import deidentify
     from .reader import format_of, read_volume
@@ -108,6 +122,8 @@ def run_one(input_path: Path, output: Path, args: argparse.Namespace, *, quiet: 
             check_output_path(extra, input_path)
             format_of(extra)
     out_format = "dicom" if not _has_image_suffix(output) else format_of(output)
+    if out_format == "dicom" and output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise InputError(f"{output}: the DICOM output folder exists and is not empty")
     if qa_dir is not None:
         from . import render  # noqa: F401  (fail before the work when the renderer cannot load)
 
@@ -128,8 +144,10 @@ def run_one(input_path: Path, output: Path, args: argparse.Namespace, *, quiet: 
     with OutputSet() as outputs:
         if out_format == "dicom":
             from . import dicom
+            dicom_run = dicom_run or DicomRun(getattr(args, "shift_dates", False))
             dicom.write_series(result.image, volume.dicom, outputs.path(output), method=record["method"],
-                               tool_version=__version__, uid_map=dicom.UIDMap())
+                               tool_version=__version__, uid_map=dicom_run.uid_map,
+                               date_shift_days=dicom_run.date_shift_days)
         else:
             write_image(result.image, outputs.path(output), marker)
         if save_brain_mask is not None:

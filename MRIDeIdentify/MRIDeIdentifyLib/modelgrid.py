@@ -109,9 +109,11 @@ class ModelGrid:
     def to_model_raw(self, image: sitk.Image, default: float = 0.0) -> np.ndarray:
         """Like :meth:`to_model` without intensity normalisation (for masks and probabilities)."""
         source = sitk.Cast(image, sitk.sitkFloat32)
-        sigma = _antialias_sigma(image.GetSpacing(), self.spacing)
-        if sigma is not None:
-            source = sitk.SmoothingRecursiveGaussian(source, sigma)
+        for axis, sigma in enumerate(_antialias_sigma(image.GetSpacing(), self.spacing)):
+            # Axis by axis: thick slices already coarser than the cube need no smoothing along them.
+            if sigma > 0.2 * self.spacing:
+                source = sitk.RecursiveGaussian(source, sigma, False, sitk.RecursiveGaussianImageFilter.ZeroOrder,
+                                                axis)
         resampled = sitk.Resample(source, self.reference(), sitk.Transform(), sitk.sitkLinear, default,
                                   sitk.sitkFloat32)
         return sitk.GetArrayFromImage(resampled)
@@ -137,9 +139,8 @@ def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
 
 
 def _antialias_sigma(input_spacing, cube_spacing: float):
-    """Per-axis Gaussian sigma (mm) that removes what the coarser cube cannot represent, or None."""
-    sigma = [0.5 * np.sqrt(max(cube_spacing ** 2 - s ** 2, 0.0)) for s in input_spacing]
-    return sigma if max(sigma) > 0.2 * cube_spacing else None
+    """Per-axis Gaussian sigma (mm) that removes what the coarser cube cannot represent (0: nothing to remove)."""
+    return [0.5 * float(np.sqrt(max(cube_spacing ** 2 - s ** 2, 0.0))) for s in input_spacing]
 
 
 def _physical_bounds(image: sitk.Image, mask: np.ndarray):

@@ -178,6 +178,8 @@ def _read_mgh(path: Path) -> sitk.Image:
         raise InputError(f"{path.name}: is a {data.ndim}-D image; a 3-D head volume is needed"
                          if data.ndim != 4 else
                          f"{path.name}: is a 4-D series of {data.shape[3]} volumes; give a single 3-D volume")
+    # MGH stores big-endian voxels; SimpleITK takes native byte order only (same values, same dtype).
+    data = data.astype(data.dtype.newbyteorder("="), copy=False)
     image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
     set_ras_affine(image, mgh.affine)
     return image
