@@ -60,17 +60,6 @@ def _has_dicm_preamble(path: Path) -> bool:
         return False
 
 
-def _relative_output(root: Path, scan: Path, number: int) -> Path:
-    """Where a scan's output goes, relative to the output folder.
-
-    Image files keep their relative path (BIDS names carry no identity). DICOM folders are named by their
-    position in the sorted input instead: PACS exports name folders after the patient and the study.
-    """
-    if scan.is_dir():
-        return Path(f"dicom-series-{number:04d}")
-    return scan.relative_to(root)
-
-
 def parse_shard(text: str) -> Tuple[int, int]:
     try:
         index, count = (int(v) for v in text.split("/"))
@@ -99,7 +88,9 @@ def run_batch(args: argparse.Namespace) -> int:
 
     root, output = args.input, args.output
     scans, bids = find_scans(root)
-    targets = {scan: output / _relative_output(root, scan, number) for number, scan in enumerate(scans)}
+    numbers = {scan: n for n, scan in enumerate(s for s in scans if s.is_dir())}
+    targets = {scan: output / (f"dicom-series-{numbers[scan]:04d}" if scan in numbers else scan.relative_to(root))
+               for scan in scans}
     if args.shard:
         index, count = parse_shard(args.shard)
         scans = scans[index::count]
