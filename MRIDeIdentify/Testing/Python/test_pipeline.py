@@ -108,3 +108,24 @@ def test_no_default_method_until_remodel_exists(head_path):
         pytest.skip("remodel is registered: the default exists")
     with pytest.raises(InputError, match="--method"):
         deidentify(read_volume(head_path).image)
+
+
+def _dicom_cases() -> list:
+    from conftest import dicom_series
+    from MRIDeIdentifyLib.dicom import list_series
+    cases = []
+    for folder in dicom_series():
+        for info in list_series(folder):
+            cases.append(pytest.param(folder, info.uid, id=f"{folder.name}-{info.uid[-6:]}"))
+    return cases or [pytest.param(None, None, marks=pytest.mark.skip(reason="shared DICOM data not found"))]
+
+
+@pytest.mark.parametrize("folder,uid", _dicom_cases())
+def test_dicom_series_are_brain_exact(folder, uid):
+    volume = read_volume(folder, uid)
+    result = deidentify(volume.image, "blur")
+    assert_same_grid(volume.image, result.image)
+    brain = sitk.GetArrayViewFromImage(result.brain_mask) > 0
+    assert brain.sum() > 1000
+    assert np.array_equal(sitk.GetArrayViewFromImage(volume.image)[brain],
+                          sitk.GetArrayViewFromImage(result.image)[brain])
