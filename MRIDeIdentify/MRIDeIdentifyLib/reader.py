@@ -109,15 +109,19 @@ def check_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
 def _read_itk(path: Path) -> sitk.Image:
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti(path)
+    failure = None
     with _captured_stderr() as messages:
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
-            raise InputError(f"{path.name}: cannot be read as an image ({_itk_reason(error)})") from None
-    # MetaIO reports missing or short data files on stderr and still returns an image.
+            failure = _itk_reason(error)
+    # MetaIO says what is wrong with a missing or short data file on stderr, and may still return an image;
+    # its words beat ITK's exception, which often carries only a stale errno.
     complaint = "".join(messages).strip()
     if complaint:
-        raise InputError(f"{path.name}: cannot be read completely ({complaint.splitlines()[-1].strip()})")
+        raise InputError(f"{path.name}: cannot be read completely ({' '.join(complaint.split())[:200]})")
+    if failure is not None:
+        raise InputError(f"{path.name}: cannot be read as an image ({failure})")
     return image
 
 

@@ -371,11 +371,7 @@ CASES: Dict[str, Case] = {
 }
 NEEDS_DICOM = {"dicom-two-series", "dicom-truncated-pixels", "output-inside-dicom-input"}
 # Engine bugs this corpus found; the lead flips them by fixing the engine (see the test report).
-_METAIO_REASON = ("the reason is ITK's leftover errno 'No such file or directory'; MetaIO's own complaint, "
-                  "captured by reader._captured_stderr, is dropped when sitk.ReadImage raises")
 KNOWN_BUGS: Dict[str, str] = {
-    "mhd-missing-data-file": _METAIO_REASON,
-    "mha-short-data": _METAIO_REASON,
 }
 # Run in a real subprocess by default (the rest only with -m slow): one per reading path.
 SUBPROCESS_FAST = {"empty-file", "text-named-nii-gz", "unknown-method"}
