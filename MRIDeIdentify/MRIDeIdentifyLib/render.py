@@ -281,7 +281,7 @@ def write_qa(
         for row, angle_name in enumerate(angles):
             sheet.paste(Image.fromarray(tiles[name, angle_name]), (column * size, label_px + row * size))
         draw.text((column * size + size // 2, label_px // 2), name.upper(), fill=(255, 255, 255),
-                  anchor="mm", font=_font(label_px * 2 // 3))
+                  anchor="mm", font=label_font(label_px * 2 // 3))
     draw.line([(size, label_px), (size, 2 * size + label_px)], fill=(255, 200, 0), width=2)
     summary = out_dir / "qa_before_after.png"
     sheet.save(summary)
@@ -289,7 +289,8 @@ def write_qa(
     return paths
 
 
-def _font(pixels: int):
+def label_font(pixels: int):
+    """A PIL font about ``pixels`` high for labels on pictures."""
     from PIL import ImageFont
 
     try:

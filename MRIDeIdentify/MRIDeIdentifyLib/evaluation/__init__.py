@@ -1,0 +1,60 @@
+"""``mri-deidentify evaluate``: re-identification attacks, downstream fidelity and cost, per method.
+
+``main(argv)`` is the command; :func:`runner.evaluate` does the work and :mod:`report` writes it up. The
+heavy dependencies (dlib-bin, face-recognition-models, antspyx, matplotlib) come with the ``eval`` extra.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from ..errors import InputError
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    """The ``evaluate`` options, added to ``parser`` (the CLI's subcommand) or to a new parser."""
+    from .attacks import RENDER_SIZE
+    from .fidelity import ANALYSIS_SPACING_MM
+
+    if parser is None:
+        parser = argparse.ArgumentParser(prog="mri-deidentify evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True,
+                        help="folder of head scans; names sharing the prefix before '_' are one person, "
+                             "a prefix starting with T marks a template (distractor, negative control)")
+    parser.add_argument("--methods", required=True, help="comma-separated method names, e.g. blur,skullstrip")
+    parser.add_argument("--out", type=Path, required=True, help="report folder (work files are reused: resume)")
+    parser.add_argument("--no-fidelity", action="store_true", help="skip the ANTsPy downstream analysis")
+    parser.add_argument("--fidelity-spacing-mm", type=float, default=ANALYSIS_SPACING_MM,
+                        help="spacing of the downstream analysis (mm, default %(default)s)")
+    parser.add_argument("--render-size", type=int, default=RENDER_SIZE, help="render size in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="device for the methods and the brain masks")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the evaluation; exit status 0 when the controls passed, 3 when they did not, 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command on parsed arguments (shared with the CLI's subcommand)."""
+    from .report import CONTROLS  # noqa: F401  (fails early, naming the extra, when matplotlib is missing)
+    from .runner import evaluate
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.data.is_dir():
+        print(f"error: {args.data}: not a folder", file=sys.stderr)
+        return 2
+    try:
+        summary, controls_passed = evaluate(args.data, methods, args.out, size=args.render_size, run_fidelity=not args.no_fidelity,
+                           fidelity_spacing_mm=args.fidelity_spacing_mm, seed=args.seed, device=args.device,
+                           progress=lambda message: print(message, file=sys.stderr, flush=True))
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0 if controls_passed else 3
