@@ -220,6 +220,12 @@ def dicom_two_series(s: Setup) -> List[str]:
     return [str(folder), str(s.output), "--method", "blur"]
 
 
+def dicom_unknown_series(s: Setup) -> List[str]:
+    folder = s.input / "dicom"
+    shutil.copytree(ENHANCED_DICOM, folder)
+    return [str(folder), str(s.output), "--method", "blur", "--series", "1.2.3.4.5"]
+
+
 def dicom_truncated_pixels(s: Setup) -> List[str]:
     folder = s.input / "dicom"
     folder.mkdir()
@@ -280,6 +286,11 @@ def output_under_an_executable_file(s: Setup) -> List[str]:
 def read_only_output_folder(s: Setup) -> List[str]:
     (s.root / "out").mkdir()
     (s.root / "out").chmod(0o555)
+    return [str(s.copy_head()), str(s.output), "--method", "blur"]
+
+
+def output_is_a_folder(s: Setup) -> List[str]:
+    (s.root / "out" / "deid.nii.gz").mkdir(parents=True)
     return [str(s.copy_head()), str(s.output), "--method", "blur"]
 
 
@@ -362,6 +373,7 @@ CASES: Dict[str, Case] = {
     "mhd-missing-data-file": Case(mhd_missing_data_file, "data file"),
     "corrupted-mgz": Case(corrupted_mgz, "MGZ"),
     "dicom-two-series": Case(dicom_two_series, "2 series"),
+    "dicom-unknown-series": Case(dicom_unknown_series, "no series 1.2.3.4.5"),
     "dicom-truncated-pixels": Case(dicom_truncated_pixels, "truncated"),
     "empty-folder": Case(empty_folder, "no files"),
     "folder-without-dicom": Case(folder_without_dicom, "DICOM"),
@@ -371,6 +383,7 @@ CASES: Dict[str, Case] = {
     "output-under-a-file": Case(output_under_a_file, "not a folder"),
     "output-under-an-executable-file": Case(output_under_an_executable_file, "not a folder"),
     "read-only-output-folder": Case(read_only_output_folder, "writable"),
+    "output-is-a-folder": Case(output_is_a_folder, "is a folder"),
     "output-is-input": Case(output_is_input, "input path"),
     "output-links-to-input": Case(output_links_to_input, "input path"),
     "saved-mask-overwrites-input": Case(saved_mask_overwrites_input, "input path"),
@@ -384,7 +397,7 @@ CASES: Dict[str, Case] = {
     "unknown-device": Case(unknown_device, "device"),
     "missing-output-argument": Case(missing_output_argument, "OUTPUT"),
 }
-NEEDS_DICOM = {"dicom-two-series", "dicom-truncated-pixels", "output-inside-dicom-input"}
+NEEDS_DICOM = {"dicom-two-series", "dicom-unknown-series", "dicom-truncated-pixels", "output-inside-dicom-input"}
 # Engine bugs this corpus found; the lead flips them by fixing the engine (see the test report).
 KNOWN_BUGS: Dict[str, str] = {
     **dict.fromkeys(("non-numeric-margin", "unknown-device", "missing-output-argument"),
