@@ -1,0 +1,190 @@
+"""The evaluation: rank statistics, ICP matching, exactness checks, fidelity, and a small end-to-end report."""
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
+
+from MRIDeIdentifyLib import render
+from MRIDeIdentifyLib.reader import read_volume
+
+attacks = pytest.importorskip("MRIDeIdentifyLib.evaluation.attacks")
+pytest.importorskip("dlib", reason="the evaluation needs the 'eval' extra (dlib-bin)")
+
+
+def test_wilson_interval_known_values():
+    low, high = attacks.wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-3)
+    low, high = attacks.wilson_interval(5, 10)
+    assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-3)
+
+
+def test_probe_rank_ties_nan_and_gallery_exclusion():
+    genuine = np.array([True, False, False, False])
+    everyone = np.ones(4, bool)
+    assert attacks.probe_rank(np.array([0.1, 0.5, 0.7, 0.9]), genuine, everyone) == (1.0, 1.0, 0.25)
+    assert attacks.probe_rank(np.array([0.8, 0.5, 0.7, 0.9]), genuine, everyone)[:2] == (3.0, 0.0)
+    # No match possible (NaN everywhere): the genuine entry ties with all, expected rank and credit by lot.
+    rank, credit, _ = attacks.probe_rank(np.full(4, np.nan), genuine, everyone)
+    assert rank == 2.5 and credit == pytest.approx(0.25)
+    # An excluded entry (another scan of the same person) neither helps nor hurts.
+    allowed = np.array([True, False, True, True])
+    assert attacks.probe_rank(np.array([0.6, 0.1, 0.7, 0.9]), genuine, allowed) == (1.0, 1.0, pytest.approx(1 / 3))
+
+
+def test_rank_scores_auc_and_chance():
+    genuine = [np.array([True, False, False]), np.array([False, True, False])]
+    allowed = [np.ones(3, bool)] * 2
+    perfect = attacks.rank_scores([np.array([0.1, 0.5, 0.6]), np.array([0.5, 0.2, 0.6])], genuine, allowed)
+    assert perfect.rank1 == 1.0 and perfect.mean_rank == 1.0 and perfect.auc == 1.0
+    assert perfect.chance == pytest.approx(1 / 3)
+    worst = attacks.rank_scores([np.array([0.9, 0.5, 0.6]), np.array([0.5, 0.9, 0.6])], genuine, allowed)
+    assert worst.rank1 == 0.0 and worst.mean_rank == 3.0 and worst.auc == 0.0
+
+
+@pytest.fixture(scope="module")
+def s06(shared_data):
+    heads = {}
+    for name in ("S06_dcmqa_xa30_T1w_ser5_2mm", "S06_dcmqa_xa30_T1w_ser6_2mm", "S05_mne_sample_T1_3mm"):
+        suffix = ".mgz" if name.startswith("S05") else ".nii.gz"
+        image = read_volume(shared_data / "heads" / f"{name}{suffix}").image
+        surface = render.skin_surface(image, render.skin_threshold(image))
+        view = render.face_view(surface, image)
+        heads[name] = (image, surface, attacks.head_frame(surface, image, view))
+    return heads
+
+
+def test_icp_undoes_a_similarity_and_finds_the_same_person(s06):
+    image, surface, frame = s06["S06_dcmqa_xa30_T1w_ser5_2mm"]
+    region = attacks.FEATURES
+    target = attacks.Target(attacks.region_points(surface, frame, region, 25.0), frame)
+    probe = attacks.subsample(attacks.region_points(surface, frame, region), 1500, seed=3)
+    # The same face moved by 6 degrees, 5 mm and scaled by 1.04 comes back to ~0 mm with a similarity ICP.
+    turn = Rotation.from_euler("xyz", [4, -3, 3], degrees=True).as_matrix()
+    moved = 1.04 * (probe - frame.nose) @ turn.T + frame.nose + np.array([3.0, -2.0, 3.0])
+    assert attacks.icp_distance(moved, frame, target, "similarity") < 0.3
+    assert attacks.icp_distance(moved, frame, target, "rigid") > attacks.icp_distance(moved, frame, target,
+                                                                                        "similarity")
+    # The second series of the same person is closer than another person's face.
+    distances = {}
+    for name, (_, other_surface, other_frame) in s06.items():
+        if name.endswith("ser5"):
+            continue
+        distances[name] = attacks.icp_distance(
+            attacks.subsample(attacks.region_points(other_surface, other_frame, region), 1500), other_frame,
+            target, region.mode)
+    assert distances["S06_dcmqa_xa30_T1w_ser6_2mm"] < distances["S05_mne_sample_T1_3mm"]
+    # An empty region cannot be matched: NaN, which ranks as a tie with everything.
+    assert np.isnan(attacks.icp_distance(np.zeros((0, 3)), frame, target, "rigid"))
+
+
+def test_exactness_catches_a_changed_brain_voxel_and_a_moved_grid(s06):
+    from MRIDeIdentifyLib.evaluation.runner import exactness
+
+    image = s06["S06_dcmqa_xa30_T1w_ser5_2mm"][0]
+    array = sitk.GetArrayFromImage(image)
+    brain = np.zeros(array.shape, bool)
+    brain[40:60, 50:80, 50:80] = True
+    changed = array.copy()
+    changed[~brain] = 0
+    output = sitk.GetImageFromArray(changed)
+    output.CopyInformation(image)
+    assert exactness(image, output, brain) == {"grid_equal": True, "brain_exact": True,
+                                               "changed_fraction": pytest.approx(np.mean(changed != array))}
+    changed[50, 60, 60] += 1
+    tampered = sitk.GetImageFromArray(changed)
+    tampered.CopyInformation(image)
+    assert exactness(image, tampered, brain)["brain_exact"] is False
+    output.SetOrigin(np.add(image.GetOrigin(), 0.5).tolist())
+    assert exactness(image, output, brain)["grid_equal"] is False
+
+
+def test_fidelity_same_scan_agrees_and_a_stripped_head_drifts(s06):
+    pytest.importorskip("ants", reason="the downstream analysis needs antspyx (the 'eval' extra)")
+    from MRIDeIdentifyLib.evaluation import fidelity
+
+    image = s06["S06_dcmqa_xa30_T1w_ser5_2mm"][0]
+    original = fidelity.analyse(image, spacing_mm=4.0)
+    assert original.error is None and original.brain.sum() * original.voxel_ml > 800  # a brain, in mL
+    again = fidelity.compare(original, fidelity.analyse(image, spacing_mm=4.0))
+    assert again["failed"] == 0.0 and again["dice_brain"] > 0.97 and again["dice_wm"] > 0.9
+    array = sitk.GetArrayFromImage(image)
+    head = array > render.skin_threshold(image)
+    from scipy import ndimage
+    stripped = np.where(ndimage.binary_erosion(head, iterations=8), array, 0).astype(array.dtype)
+    scalp_gone = sitk.GetImageFromArray(stripped)
+    scalp_gone.CopyInformation(image)
+    drift = fidelity.compare(original, fidelity.analyse(scalp_gone, spacing_mm=4.0))
+    # Without scalp the whole-head registration drifts, or Atropos gives up: either is what the report flags.
+    assert drift["failed"] == 1.0 or drift["dice_brain"] < again["dice_brain"] - 0.01
+
+
+def _small_dataset(shared_data, folder):
+    """Two series of one person, one other person and one template, with crude brain masks put where the
+    run looks for them (so this test skips deepbet and exercises resuming)."""
+    names = ["S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz", "S06_dcmqa_xa30_T1w_ser6_2mm.nii.gz",
+             "S05_mne_sample_T1_3mm.mgz", "T02_MNI152_T1_2mmEXT.nii.gz"]
+    data = folder / "data"
+    data.mkdir()
+    for name in names:
+        (data / name).symlink_to(shared_data / "heads" / name)
+    masks = folder / "out" / "work" / "brainmasks"
+    masks.mkdir(parents=True)
+    from scipy import ndimage
+
+    for name in names[:3]:
+        image = read_volume(data / name).image
+        head = sitk.GetArrayFromImage(image) > render.skin_threshold(image)
+        spacing = min(image.GetSpacing())
+        brain = ndimage.binary_erosion(ndimage.binary_fill_holes(head), iterations=int(round(25 / spacing)))
+        mask = sitk.GetImageFromArray(brain.astype(np.uint8))
+        mask.CopyInformation(image)
+        stem = name.replace(".nii.gz", "").replace(".mgz", "")
+        sitk.WriteImage(mask, str(masks / f"{stem}.nii.gz"))
+    return data, folder / "out"
+
+
+def test_evaluate_small_report(shared_data, tmp_path, capsys):
+    from MRIDeIdentifyLib.evaluation import main
+
+    data, out = _small_dataset(shared_data, tmp_path)
+    status = main(["--data", str(data), "--methods", "blur,skullstrip", "--out", str(out), "--no-fidelity",
+                   "--render-size", "320"])
+    assert status == 0, "the controls should pass"
+    summary = (out / "summary.md").read_text()
+    assert "Controls passed: **yes**" in summary and "gallery of 4 original heads (1 templates" in summary
+    for name in ("per_scan.csv", "summary.csv", "plots/rank1.png", "plots/cost.png", "montage_blur.png",
+                 "montage_skullstrip.png"):
+        assert (out / name).is_file(), name
+    with (out / "per_scan.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    groups = [row["group"] for row in rows]
+    assert groups.count("blur") == 3 and groups.count("skullstrip") == 3
+    assert groups.count("control: re-render") == 3 and groups.count("control: same person") == 2
+    assert groups.count("control: average face") == 3
+    for row in rows:
+        if row["group"] in ("blur", "skullstrip"):
+            assert row["brain_exact"] == "True" and row["grid_equal"] == "True", row
+        if row["group"] in ("control: re-render", "control: same person"):
+            assert float(row["features_rank"]) == 1.0, row
+        if row["group"] == "skullstrip":
+            # No face left: no face found, and no skin in the feature region for ICP to match.
+            assert row["detected"] == "False" and row["features_genuine_distance"] == ""
+    # A second run reuses every work file.
+    capsys.readouterr()
+    assert main(["--data", str(data), "--methods", "blur", "--out", str(out), "--no-fidelity",
+                 "--render-size", "320"]) == 0
+    assert "de-identifying" not in capsys.readouterr().err
+
+
+def test_evaluate_rejects_unknown_method_and_missing_folder(tmp_path, capsys):
+    from MRIDeIdentifyLib.evaluation import main
+
+    assert main(["--data", str(tmp_path / "absent"), "--methods", "blur", "--out", str(tmp_path / "o")]) == 2
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "S01_x.nii.gz").symlink_to(tmp_path / "nowhere")  # discovered by name only
+    assert main(["--data", str(tmp_path / "d"), "--methods", "nosuchmethod", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown method" in capsys.readouterr().err
