@@ -187,8 +187,9 @@ def _markdown(summaries, controls, methods, *, n_gallery, n_templates, data_dir,
         row = summaries[method]
         lines.append(f"| {method} | {row['n_probes']} | " + " | ".join(_cell(row, a) for a in ATTACKS)
                      + f" | {_pct(row['detection_rate'])} | {_num(row['diversity_ratio'])} | {row['n_errors']} |")
-    lines += ["", "Face detected: share of output renders where dlib's HOG detector finds a face (score > 0), "
-              "a realism check, not privacy. Diversity: mean pairwise embedding distance among the outputs over that "
+    reference = summaries.get("control: re-render", {}).get("detection_rate", math.nan)
+    lines += ["", f"Face detected: share of output renders where dlib's HOG detector finds a face (score > 0; "
+              f"{_pct(reference)} of the originals at the same pose), a realism check, not privacy. Diversity: mean pairwise embedding distance among the outputs over that "
               "among their originals (1 = as varied as real people; one face pasted on all -> low).", ""]
     lines += ["## Brain exactness, downstream fidelity, cost", "",
               "| method | brain exact | same grid | changed voxels | Dice brain | Dice CSF | Dice GM | Dice WM | "

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from .. import render
 from ..errors import InputError
-from ..reader import format_of, read_volume
+from ..reader import ITK_SUFFIXES, MGH_SUFFIXES, read_volume
 from . import attacks, fidelity
 
 Progress = Callable[[str], None]
@@ -40,19 +40,13 @@ class Scan:
 
 def discover(data_dir: Path) -> list[Scan]:
     """The readable image files directly in ``data_dir`` (sorted by name), with person and template flags."""
+    suffixes = sorted(ITK_SUFFIXES + MGH_SUFFIXES, key=len, reverse=True)  # ".nii.gz" before ".nii"
     scans = []
     for path in sorted(Path(data_dir).iterdir()):
-        if path.is_dir() or path.name.startswith("."):
+        suffix = next((s for s in suffixes if path.name.lower().endswith(s)), None)
+        if suffix is None or path.is_dir() or path.name.startswith("."):
             continue
-        try:
-            format_of(path)
-        except InputError:
-            continue
-        name = path.name
-        for suffix in (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd"):
-            if name.endswith(suffix):
-                name = name[: -len(suffix)]
-                break
+        name = path.name[: -len(suffix)]
         person = name.split("_")[0]
         scans.append(Scan(name, path, person, person.upper().startswith("T")))
     if not any(not scan.template for scan in scans):
@@ -127,7 +121,7 @@ def original_head(image: sitk.Image, size: int, seed: int = 0) -> Head:
     head.gallery = gallery
     head.thumbnail = _thumbnail(frontal)
     head.targets = {region.name: attacks.Target(attacks.subsample(attacks.region_points(
-        surface, frame, region, attacks._TARGET_MARGIN_MM), attacks._TARGET_POINTS, seed + 1), frame)
+        surface, frame, region, attacks.TARGET_MARGIN_MM), attacks.TARGET_POINTS, seed + 1), frame)
         for region in attacks.REGIONS}
     return head
 
@@ -148,7 +142,7 @@ def output_head(image: sitk.Image, original: Head, size: int, seed: int = 0) -> 
 def _probe(surface, threshold, view, frame, fallback_box, size, seed) -> Head:
     picture = _render(surface, view, attacks.PROBE_POSE, size)
     regions = {region.name: attacks.subsample(attacks.region_points(surface, frame, region),
-                                              attacks._PROBE_POINTS, seed) for region in attacks.REGIONS}
+                                              attacks.PROBE_POINTS, seed) for region in attacks.REGIONS}
     return Head(threshold, view, frame, attacks.embed_face(picture, fallback_box), regions, np.zeros(0))
 
 
