@@ -334,6 +334,26 @@ def unknown_output_extension(s: Setup) -> List[str]:
     return [str(s.copy_head()), str(s.root / "out" / "deid.png"), "--method", "blur"]
 
 
+def missing_model_weights(s: Setup) -> List[str]:
+    return [str(s.copy_head()), str(s.output), "--method", "remodel", "--model", str(s.input / "g.safetensors"),
+            *s.mask_args()]
+
+
+def corrupted_model_weights(s: Setup) -> List[str]:
+    # A damaged download: the weights no longer match the sha256 their model card records.
+    (s.input / "g.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + bytes(64))
+    (s.input / "g.json").write_text('{"sha256": "%s", "config": {}}' % ("0" * 64))
+    return [str(s.copy_head()), str(s.output), "--method", "remodel", "--model", str(s.input / "g.safetensors"),
+            *s.mask_args()]
+
+
+def model_card_not_json(s: Setup) -> List[str]:
+    (s.input / "g.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + bytes(64))
+    (s.input / "g.json").write_text("sha256: not JSON\n")
+    return [str(s.copy_head()), str(s.output), "--method", "remodel", "--model", str(s.input / "g.safetensors"),
+            *s.mask_args()]
+
+
 def negative_margin(s: Setup) -> List[str]:
     return [str(s.copy_head()), str(s.output), "--method", "blur", "--margin-mm", "-2"]
 
@@ -392,6 +412,9 @@ CASES: Dict[str, Case] = {
     "unknown-method": Case(unknown_method, "unknown method"),
     "unknown-input-extension": Case(unknown_input_extension, "unsupported file type"),
     "unknown-output-extension": Case(unknown_output_extension, "DICOM output"),
+    "missing-model-weights": Case(missing_model_weights, "not found"),
+    "corrupted-model-weights": Case(corrupted_model_weights, "sha256"),
+    "model-card-not-json": Case(model_card_not_json, "g.json"),
     "negative-margin": Case(negative_margin, "margin"),
     "non-numeric-margin": Case(non_numeric_margin, "margin-mm"),
     "unknown-device": Case(unknown_device, "device"),
@@ -400,6 +423,8 @@ CASES: Dict[str, Case] = {
 NEEDS_DICOM = {"dicom-two-series", "dicom-unknown-series", "dicom-truncated-pixels", "output-inside-dicom-input"}
 # Engine bugs this corpus found; the lead flips them by fixing the engine (see the test report).
 KNOWN_BUGS: Dict[str, str] = {
+    "model-card-not-json": "model.load_generator parses the model card without catching ValueError/KeyError, "
+                           "so a broken card is an internal error (exit 1), found only after the brain mask",
     **dict.fromkeys(("non-numeric-margin", "unknown-device", "missing-output-argument"),
                     "argparse prints its multi-line usage before the error line: 8 lines for one usage error"),
 }
