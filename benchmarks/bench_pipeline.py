@@ -136,17 +136,19 @@ def fmt(seconds: Optional[float]) -> str:
 
 def table(cases: List[Case]) -> str:
     head = ("| head | size | spacing mm | method | read | head mask | brain mask | method | composite | write "
-            "| run wall | process wall | peak RSS GB |")
+            "| other | run wall | process wall | peak RSS GB |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in cases:
         if c.exit_code != 0:
-            rows.append(f"| {c.head} | {c.shape} | {c.spacing} | {c.method} | failed: {c.error} |"
-                        + " |" * 7 + f" {c.peak_rss_gb:.2f} |")
+            error = c.error.replace("|", "/")[:100]
+            rows.append(f"| {c.head} | {c.shape} | {c.spacing} | {c.method} | failed: {error} |"
+                        + " |" * 8 + f" {c.peak_rss_gb:.2f} |")
             continue
         t = c.timings
+        staged = sum(v for k, v in t.items() if k not in NOT_STAGES)
         rows.append(f"| {c.head} | {c.shape} | {c.spacing} | {c.method} | {fmt(t.get('read'))} "
                     f"| {fmt(t.get('head mask'))} | {fmt(t.get('brain mask'))} | {fmt(sum(c.method_stages.values()))} "
-                    f"| {fmt(t.get('composite'))} | {fmt(t.get('write'))} | {fmt(t.get('wall'))} "
+                    f"| {fmt(t.get('composite'))} | {fmt(t.get('write'))} | {fmt(t['wall'] - staged)} | {fmt(t['wall'])} "
                     f"| {fmt(c.process_wall_s)} | {c.peak_rss_gb:.2f} |")
     return "\n".join(rows)
 
@@ -209,7 +211,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"### `mri-deidentify run` on CPU, {args.threads} threads per run\n")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs on the machine, "
           f"Python {platform.python_version()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}. "
-          "Seconds per stage from the sidecar's `timings_s`; *run wall* is read to written inside the command, "
+          "Seconds per stage from the sidecar's `timings_s`; *other*: not in any stage (set-up, loading); "
+          "*run wall* is read to written inside the command, "
           "*process wall* adds interpreter start and imports; peak RSS of the whole process.\n")
     print(table(cases))
     print()
