@@ -193,6 +193,31 @@ def test_user_brain_mask_from_a_labelmap_or_a_segmentation(processed, headless, 
     headless.scene.RemoveNode(labelmap)
 
 
+def test_default_method_through_the_logic(processed, headless, logic):
+    """The registry's default (the learned remodeling once its weights ship) runs from the Logic like the controls:
+    brain exact through the node arrays, the rest regenerated. The brain comes from the first run (no deepbet)."""
+    from MRIDeIdentifyLib.methods import default_method
+    from MRIDeIdentifyLib.model import DEFAULT_WEIGHTS
+
+    if default_method() is None:
+        pytest.skip("no default method registered yet (the learned remodel is not installed)")
+    if default_method() == "remodel" and not DEFAULT_WEIGHTS.is_file():
+        pytest.skip(f"the remodeling weights are not in the module yet ({DEFAULT_WEIGHTS.name})")
+    inputNode = processed["input"]
+    mask = _segment_array(processed["brain"], inputNode)
+    labelmap = headless.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "user brain")
+    labelmap.SetIJKToRASMatrix(_vtk_matrix(_matrix(inputNode)))
+    slicer.util.updateVolumeFromArray(labelmap, mask.astype(np.uint8))
+    outcome = logic.process(inputNode, None, None, brainMaskNode=labelmap, marginMm=0.0, device="cpu")
+    before, after = slicer.util.arrayFromVolume(inputNode), slicer.util.arrayFromVolume(outcome.outputVolumeNode)
+    assert outcome.method == default_method()
+    assert np.array_equal(_matrix(outcome.outputVolumeNode), _matrix(inputNode)) and after.dtype == before.dtype
+    assert np.array_equal(before[mask], after[mask])
+    assert (before[~mask] != after[~mask]).mean() > 0.3
+    for node in (labelmap, outcome.outputVolumeNode):
+        headless.scene.RemoveNode(node)
+
+
 def _vtk_matrix(array: np.ndarray):
     matrix = vtk.vtkMatrix4x4()
     for r in range(4):
