@@ -194,9 +194,10 @@ def test_extension_metadata_is_complete():
         assert _cmake_value(text, f"EXTENSION_{key}").strip(), f"EXTENSION_{key} is empty"
     assert _cmake_value(text, "EXTENSION_DEPENDS") == "PyTorch"
     for key in ("ICONURL", "SCREENSHOTURLS"):
-        url = _cmake_value(text, f"EXTENSION_{key}")
-        path = url.split("/main/", 1)[1]
-        assert (REPO / path).is_file(), f"EXTENSION_{key} points at {path}, which is not in the repository"
+        for url in _cmake_value(text, f"EXTENSION_{key}").split():
+            assert url.startswith("https://raw.githubusercontent.com/mrideidentify/SlicerMRIDeIdentify/main/"), url
+            path = url.split("/main/", 1)[1]
+            assert (REPO / path).is_file(), f"EXTENSION_{key} points at {path}, which is not in the repository"
     for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(MRIDeIdentify)",
                  "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert line in text, line
