@@ -65,6 +65,14 @@ def _matrix(node) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
+def _vtk_matrix(array: np.ndarray):
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, array[r, c])
+    return matrix
+
+
 def _segment_array(segmentationNode, referenceNode) -> np.ndarray:
     """The segmentation's visible segments as a bool KJI array on ``referenceNode``'s grid."""
     scene = referenceNode.GetScene()
@@ -216,14 +224,6 @@ def test_default_method_through_the_logic(processed, headless, logic):
     assert (before[~mask] != after[~mask]).mean() > 0.3
     for node in (labelmap, outcome.outputVolumeNode):
         headless.scene.RemoveNode(node)
-
-
-def _vtk_matrix(array: np.ndarray):
-    matrix = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            matrix.SetElement(r, c, array[r, c])
-    return matrix
 
 
 def test_cancel_raises_and_adds_nothing(processed, headless, logic):
