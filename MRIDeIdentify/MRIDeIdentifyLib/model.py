@@ -186,8 +186,8 @@ class Discriminator(nn.Module):
             blocks.append(_block(config, previous + 1 + CONDITION_CHANNELS, width, width, norm=False))
             previous = width
         self.blocks = nn.ModuleList(blocks)
-        # The last block halves 4³ to 2³.
-        self.head = nn.Linear(previous * (MIN_SIZE // 2) ** 3, 1)
+        # The last block halves 4³ to 2³. No bias: the relativistic losses see only score differences.
+        self.head = nn.Linear(previous * (MIN_SIZE // 2) ** 3, 1, bias=False)
 
     def forward(self, images: List[torch.Tensor], gammas: List[torch.Tensor]) -> torch.Tensor:
         h = None

@@ -71,6 +71,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0                # torch CPU threads; 0 = torch's default
     init_from: str = ""
+    minutes: float = 0.0            # stop (with a checkpoint) after this many minutes of this invocation; 0 = no limit
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -340,7 +341,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         state = load_checkpoint(checkpoint_path)
         saved = dict(state["train_config"])
         # Resuming continues the saved run; only the stopping point and the bookkeeping may change.
-        for key in ("steps", "log_every", "image_every", "checkpoint_minutes", "device", "threads", "data", "out",
+        for key in ("steps", "minutes", "log_every", "image_every", "checkpoint_minutes", "device", "threads", "data", "out",
                     "checkpoint"):
             saved[key] = getattr(config, key)
         saved["betas"] = tuple(saved["betas"])
@@ -375,7 +376,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     writer = None
     if master:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(Path(config.out) / "tensorboard"), purge_step=step or None)
+        writer = SummaryWriter(str(Path(config.out) / "tensorboard" / f"s{config.size}"), purge_step=step or None)
         print(f"{len(heads)} training heads: {', '.join(h.name for h in heads)}", file=sys.stderr)
     from tqdm import tqdm
     bar = tqdm(total=config.steps, initial=step, disable=not master, dynamic_ncols=True)
@@ -387,7 +388,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "history": history, "model_config": model_config.to_dict(),
             "train_config": dataclasses.asdict(config), "hardware": _hardware(device, ddp)})
 
-    last_save = time.time()
+    last_save = invoked = time.time()
     running: Dict[str, float] = {}
     while step < config.steps:
         start = time.time()
@@ -412,9 +413,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             running = {}
         if master and (step % config.image_every == 0 or step == 1):
             writer.add_image("mid-slices (real | fake | EMA fake)", _mid_slices(batch, generator, g_ema), step)
-        if master and (time.time() - last_save > 60 * config.checkpoint_minutes or step == config.steps):
+        out_of_time = config.minutes > 0 and time.time() - invoked > 60 * config.minutes
+        if ddp and config.minutes > 0:
+            # Every rank must stop at the same step, or the others wait forever in the next all-reduce.
+            flag = torch.tensor([float(out_of_time)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        if out_of_time:
+            break
+        if master and time.time() - last_save > 60 * config.checkpoint_minutes:
             checkpoint()
             last_save = time.time()
+    if master:
+        checkpoint()
     bar.close()
     if writer is not None:
         writer.close()
