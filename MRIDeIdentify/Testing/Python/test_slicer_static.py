@@ -242,6 +242,17 @@ def _imported_roots(tree: ast.AST) -> set[str]:
     return roots
 
 
+def test_module_file_imports_neither_torch_nor_the_engine_at_load():
+    """Slicer imports every module file at startup, before PyTorch may be installed: the engine (which imports
+    torch) is imported inside the Logic's methods only."""
+    tree = ast.parse(MODULE_FILE.read_text())
+    top_level = _imported_roots(ast.Module(body=[node for node in tree.body
+                                                 if isinstance(node, (ast.Import, ast.ImportFrom))],
+                                           type_ignores=[]))
+    assert top_level <= {"__future__", "logging", "os", "time", "typing", "numpy", "qt", "vtk", "slicer"}, top_level
+    assert _imported_roots(tree) >= {"MRIDeIdentifyLib"}, "the Logic must call the engine"
+
+
 def test_engine_never_imports_qt_ctk_or_slicer():
     for path in _engine_files():
         roots = _imported_roots(ast.parse(path.read_text()))
