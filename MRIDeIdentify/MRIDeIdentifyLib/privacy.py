@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial import ConvexHull, QhullError
 
-# Measured on the shared heads at 128^3 (benchmarks/bench_privacy.py --rotations): the hull's containment of
-# the head and its volume no longer change beyond 4 rotations (Z's mean error against 64 rotations falls as
-# 1/sqrt(K), but the hull only needs the extreme points, which every rotation sees), while each rotation
-# costs ~0.1 s at 128^3 on 2 cores. 8 keeps Z smooth enough to be a useful probability map at 0.8 s.
+# Measured at 128^3 on four shared heads x 3 seeds (benchmarks/bench_privacy.py --rotations): the hull does not
+# depend on the rotation count (it holds >= 99.94 % of every head and 1.3x its volume from K = 1 on: the
+# extreme points are first hits for any rotation), while Z's mean error against K = 64 falls as ~1/sqrt(K):
+# 0.69, 0.50, 0.34, 0.25, 0.19 for K = 1, 2, 4, 8, 16. A rotation costs ~0.08 s of one core at 128^3, so
+# K = 8 makes Z a usable probability map (error 0.25) for ~0.7 s, well inside the stage's 2-3 s budget;
+# 16 would double the cost for a quarter less error.
 DEFAULT_ROTATIONS = 8
 
 # Voxel centres lying exactly on a hull plane belong to the hull; this absorbs float64 rounding only.
@@ -78,22 +80,29 @@ def surface_probability(
     axis = torch.arange(side, device=device, dtype=torch.float32) - frame_centre
 
     volume = binary[None, None].to(torch.float32)
-    sources = []
+    numel = binary.numel()
+    # grid_sample's own unnormalisation (align_corners=True) of (x, y, z) = (i, j, k) coordinates.
+    half_extent = (shape.flip(0) - 1).to(torch.float32) / 2
+    rays = torch.arange(side, device=device)
+    indices = []
     for rotation in random_rotations(rotations, generator).to(device):
-        # Voxel q of the rotated frame shows the model-grid point R^T (q - frame centre) + centre.
-        transposed = rotation.T
-        rotated = F.grid_sample(
-            volume, _affine_grid(axis, transposed, centre, shape), mode="nearest", align_corners=True
-        )[0, 0] > 0.5
-        for hit in _first_hits(rotated):
-            source = (hit.to(torch.float32) - frame_centre) @ rotation + centre
-            sources.append(source.round().to(torch.int64).clamp_(min=0).minimum(shape - 1))
-    # Rotating Lambda back maps each hit to the model-grid voxel the nearest-neighbour rotation read it from:
-    # exact, and it touches only the hits (O(S^2) per rotation) instead of resampling a whole volume. A count
-    # of hits per voxel is an integer sum, so the result does not depend on the order of the scatter.
-    source = torch.cat(sources)
-    index = (source[:, 0] * shape[1] + source[:, 1]) * shape[2] + source[:, 2]
-    count = torch.bincount(index, minlength=binary.numel()).reshape(binary.shape)
+        # Voxel q of the rotated frame shows the model-grid point (q - frame centre) @ R + centre.
+        grid = _affine_grid(axis, rotation.T, centre, shape)[0]
+        rotated = F.grid_sample(volume, grid[None], mode="nearest", align_corners=True)[0, 0]
+        for hits, depth, axis_index in _first_hits(rotated):
+            # Rotating Lambda back maps each hit to the model-grid voxel the nearest-neighbour rotation read
+            # it from: exact, and it touches only the hits (O(S^2) per rotation) instead of a whole volume.
+            # The voxel is found as grid_sample found it (same arithmetic, round half to even), so it is a
+            # voxel of the head.
+            where = [rays[:, None], rays[None, :]]
+            where.insert(axis_index, depth)
+            source = ((grid[where[0], where[1], where[2]] + 1) * half_extent).round_().flip(-1)
+            source = torch.minimum(source.clamp_(min=0).to(torch.int64), shape - 1)
+            index = (source[..., 0] * shape[1] + source[..., 1]) * shape[2] + source[..., 2]
+            # Rays that meet nothing count in one extra bin, dropped below: no data-dependent indexing.
+            indices.append(torch.where(hits, index, numel).flatten())
+    # A count of hits is an integer sum, so Z does not depend on the order of the scatter (on a GPU either).
+    count = torch.bincount(torch.cat(indices), minlength=numel + 1)[:numel].reshape(binary.shape)
     # Two rays of one direction can meet the same source voxel (nearest neighbour duplicates voxels when it
     # rotates), so a count can exceed 6 per rotation: rare, and clamped to keep Z a probability.
     return (count.to(torch.float32) / (6 * rotations)).clamp_(max=1.0)
@@ -111,24 +120,25 @@ def _affine_grid(axis: torch.Tensor, matrix: torch.Tensor, centre: torch.Tensor,
     return grid[None]
 
 
-def _first_hits(mask: torch.Tensor) -> list[torch.Tensor]:
-    """The six first-hit maps of Lambda (eqs. 2-4) of a bool volume, as (n, 3) voxel coordinates each.
+def _first_hits(mask: torch.Tensor):
+    """The first-hit maps of Lambda (eqs. 2-4) along the three axes of a {0, 1} float cube, both directions.
 
     Eq. 2 reconstructed (the extraction is garbled): zeta_{a,d}(k) = k_a for d = +1 and S - 1 - k_a for
     d = -1, the distance a ray entering along axis a from side d has travelled; eq. 3 marks a voxel when it is
-    1 and has the smallest zeta among the 1-voxels of its ray, i.e. the first 1 the ray meets. argmax returns
-    the first maximum, so it finds that voxel along each ray at once.
+    1 and has the smallest zeta among the 1-voxels of its ray, i.e. the first 1 the ray meets. ``max`` along
+    an axis returns the first maximum, so one reduction finds that voxel on every ray, and one on the cube
+    reversed along all axes finds the first voxel from the other side.
+
+    Yields, per axis a: hits (2, n, n) bool, the ray meets the head; depth (2, n, n), the hit's index along a
+    for d = +1 and d = -1; a. The maps are indexed by the two other axes in order.
     """
-    hits = []
     side = mask.shape[0]
-    as_bytes = mask.to(torch.uint8)
+    reversed_ = mask.flip((0, 1, 2))
     for axis in range(3):
-        rays = as_bytes.any(axis).nonzero()
-        first = as_bytes.argmax(axis)[rays[:, 0], rays[:, 1]]
-        last = side - 1 - as_bytes.flip(axis).argmax(axis)[rays[:, 0], rays[:, 1]]
-        for depth in (first, last):
-            hits.append(torch.cat([rays[:, :axis], depth[:, None], rays[:, axis:]], dim=1))
-    return hits
+        hit, first = mask.max(axis)
+        # Reversal flipped the two remaining axes of the map too: flip them back.
+        last = side - 1 - reversed_.max(axis)[1].flip((0, 1))
+        yield (hit > 0.5).expand(2, side, side), torch.stack([first, last]), axis
 
 
 def convex_hull_mask(
