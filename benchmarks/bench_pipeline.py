@@ -206,6 +206,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"bench_pipeline: {label} / {method} ...", file=sys.stderr, flush=True)
                 run_case(case, args.threads, workdir)
                 cases.append(case)
+                # Each row as it comes, so a long run interrupted part-way still leaves its figures.
+                print(table([case]).splitlines()[-1], file=sys.stderr, flush=True)
 
     import torch
     print(f"### `mri-deidentify run` on CPU, {args.threads} threads per run\n")
