@@ -66,25 +66,26 @@ def _brain_mask_worker(jobs: list[tuple[str, str]], device: str) -> None:
         sitk.WriteImage(mask, mask_path, True)
 
 
-def _method_worker(method: str, jobs: list[tuple[str, str, str]], seed: int, device: str) -> list[dict]:
+def _method_worker(method: str, jobs: list[tuple[str, str, str]], seed: int, device: str) -> None:
+    """De-identify each scan; beside each output ``.nii.gz`` write ``.json`` (runtime, peak RSS, error)
+    as soon as it is done, so that an interrupted run resumes scan by scan."""
     from ..pipeline import deidentify
 
-    rows = []
     for scan_path, mask_path, out_path in jobs:
+        record = Path(out_path.replace(".nii.gz", ".json"))
         image = read_volume(Path(scan_path)).image
         start = time.perf_counter()
         try:
             result = deidentify(image, method, brain_mask=sitk.ReadImage(mask_path), seed=seed, device=device)
         except Exception as error:  # noqa: BLE001 (a failing method is a finding of the report)
-            rows.append({"error": f"{type(error).__name__}: {error}".splitlines()[0]})
+            record.write_text(json.dumps({"error": f"{type(error).__name__}: {error}".splitlines()[0]}))
             continue
         runtime = time.perf_counter() - start
         sitk.WriteImage(result.image, out_path, True)
         sitk.WriteImage(result.brain_mask, out_path.replace(".nii.gz", "_copied.nii.gz"), True)
         # ru_maxrss is the process's peak so far (kB on Linux): an upper bound for this scan.
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        rows.append({"runtime_s": runtime, "peak_rss_mb": peak, "error": None})
-    return rows
+        record.write_text(json.dumps({"runtime_s": runtime, "peak_rss_mb": peak, "error": None}))
 
 
 def _in_child(function, *args):
@@ -215,8 +216,7 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
         if pending:
             progress(f"{method}: de-identifying {len(pending)} scans")
             jobs = [(str(s.path), str(masks[s.name]), str(folder / f"{s.name}.nii.gz")) for s in pending]
-            for scan, row in zip(pending, _in_child(_method_worker, method, jobs, seed, device)):
-                (folder / f"{scan.name}.json").write_text(json.dumps(row))
+            _in_child(_method_worker, method, jobs, seed, device)
         for scan in real:
             runs[method, scan.name] = json.loads((folder / f"{scan.name}.json").read_text())
 
@@ -245,8 +245,11 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
     for template in (scan for scan in scans if scan.template):
         t = index[template.name]
         for scan in real:
-            probes.append(Probe(f"control: average face", f"{template.name}->{scan.name}", original_rows[template.name],
-                                np.arange(len(scans)) == index[scan.name], np.arange(len(scans)) != t))
+            # The claimed identity's gallery, as for a method's probe of that scan, minus the template itself.
+            own = np.arange(len(scans)) == index[scan.name]
+            allowed = (~(persons == scan.person) | own) & (np.arange(len(scans)) != t)
+            probes.append(Probe("control: average face", f"{template.name}->{scan.name}",
+                                original_rows[template.name], own, allowed))
 
     analyses: dict[str, fidelity.Analysis] = {}
     if run_fidelity:
