@@ -67,78 +67,91 @@ def surface_probability(
         raise ValueError(f"binary must be a 3-D volume, got shape {tuple(binary.shape)}")
     device = binary.device
     shape = torch.tensor(binary.shape, device=device)
-    points = binary.nonzero()
-    if points.shape[0] == 0:
-        return torch.zeros(binary.shape, dtype=torch.float32, device=device)
-    centre = (points.amin(0) + points.amax(0)).to(torch.float32) / 2
-    # The rotated frame is a cube around the sphere that holds every head voxel, so no rotation clips the head
-    # (a clipped head would lose its true surface, and the hull would cut into it); it is smaller than the
-    # model cube's circumscribed cube whenever the head does not fill the corners.
-    radius = float((points.to(torch.float32) - centre).norm(dim=1).max()) + 1.0
-    side = 2 * math.ceil(radius) + 1
-    frame_centre = (side - 1) / 2
-    axis = torch.arange(side, device=device, dtype=torch.float32) - frame_centre
-
-    volume = binary[None, None].to(torch.float32)
     numel = binary.numel()
+    volume = binary[None, None].to(torch.float32)
+    # The voxels first hit along the grid's own axes include every extreme point of the head (beyond an
+    # extreme point in direction u, the ray along any axis with u_a != 0 meets no more head), so they give
+    # the exact extent of the head under any rotation, at the cost of O(S^2) points.
+    outer = torch.cat([_hit_voxels(hits, depth, axis) for hits, depth, axis in _first_hits(volume[0, 0])])
+    if outer.shape[0] == 0:
+        return torch.zeros(binary.shape, dtype=torch.float32, device=device)
+    outer = outer.to(torch.float32)
+    centre = (outer.amin(0) + outer.amax(0)) / 2
     # grid_sample's own unnormalisation (align_corners=True) of (x, y, z) = (i, j, k) coordinates.
     half_extent = (shape.flip(0) - 1).to(torch.float32) / 2
-    rays = torch.arange(side, device=device)
-    indices = []
+    count = torch.zeros(numel + 1, dtype=torch.int32, device=device)
     for rotation in random_rotations(rotations, generator).to(device):
-        # Voxel q of the rotated frame shows the model-grid point (q - frame centre) @ R + centre.
-        grid = _affine_grid(axis, rotation.T, centre, shape)[0]
+        # The rotated frame is the box around the rotated head plus 2 voxels, so no rotation clips the head
+        # (a clipped head would lose its true surface and the hull would cut into it), and no more: the
+        # frame's size sets the cost. Frame point u shows the model-grid point u @ R + centre.
+        turned = (outer - centre) @ rotation.T
+        low, high = (turned.amin(0).floor() - 2).tolist(), (turned.amax(0).ceil() + 2).tolist()
+        axes = [torch.arange(a, b + 1, device=device, dtype=torch.float32) for a, b in zip(low, high)]
+        grid = _affine_grid(axes, rotation.T, centre, shape)[0]
         rotated = F.grid_sample(volume, grid[None], mode="nearest", align_corners=True)[0, 0]
-        for hits, depth, axis_index in _first_hits(rotated):
+        for hits, depth, axis in _first_hits(rotated):
             # Rotating Lambda back maps each hit to the model-grid voxel the nearest-neighbour rotation read
             # it from: exact, and it touches only the hits (O(S^2) per rotation) instead of a whole volume.
             # The voxel is found as grid_sample found it (same arithmetic, round half to even), so it is a
             # voxel of the head.
-            where = [rays[:, None], rays[None, :]]
-            where.insert(axis_index, depth)
-            source = ((grid[where[0], where[1], where[2]] + 1) * half_extent).round_().flip(-1)
+            source = ((grid[_ray_index(depth, axis)] + 1) * half_extent).round_().flip(-1)
             source = torch.minimum(source.clamp_(min=0).to(torch.int64), shape - 1)
             index = (source[..., 0] * shape[1] + source[..., 1]) * shape[2] + source[..., 2]
             # Rays that meet nothing count in one extra bin, dropped below: no data-dependent indexing.
-            indices.append(torch.where(hits, index, numel).flatten())
-    # A count of hits is an integer sum, so Z does not depend on the order of the scatter (on a GPU either).
-    count = torch.bincount(torch.cat(indices), minlength=numel + 1)[:numel].reshape(binary.shape)
+            index = torch.where(hits, index, numel).flatten()
+            # Integer sums: Z does not depend on the order of the scatter (on a GPU either).
+            count.index_add_(0, index, torch.ones_like(index, dtype=torch.int32))
     # Two rays of one direction can meet the same source voxel (nearest neighbour duplicates voxels when it
     # rotates), so a count can exceed 6 per rotation: rare, and clamped to keep Z a probability.
-    return (count.to(torch.float32) / (6 * rotations)).clamp_(max=1.0)
+    return (count[:numel].reshape(binary.shape).to(torch.float32) / (6 * rotations)).clamp_(max=1.0)
 
 
-def _affine_grid(axis: torch.Tensor, matrix: torch.Tensor, centre: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    """grid_sample grid (1, n, n, n, 3) reading the input at ``matrix @ q + centre`` for q in ``axis``^3 (KJI
-    voxel coordinates, ``shape`` the input's). The grid is affine, so it is the broadcast sum of one term per
-    output axis, all normalisation folded in: cheaper than F.affine_grid or a matrix product per voxel."""
+def _affine_grid(axes: list[torch.Tensor], matrix: torch.Tensor, centre: torch.Tensor,
+                 shape: torch.Tensor) -> torch.Tensor:
+    """grid_sample grid (1, n0, n1, n2, 3) reading the input at ``u @ matrix.T + centre`` for u in the
+    product of ``axes`` (KJI voxel coordinates; ``shape`` the input's). The grid is affine, so it is the
+    broadcast sum of one term per output axis with the normalisation folded in: cheaper than F.affine_grid or
+    a matrix product per voxel."""
     # grid_sample wants (x, y, z) = (i, j, k) normalised to [-1, 1] over the input's voxel centres.
     scale = 2 / (shape.to(torch.float32) - 1)
-    terms = [(axis[:, None] * matrix[:, a] * scale).flip(-1) for a in range(3)]
+    terms = [(axes[a][:, None] * matrix[:, a] * scale).flip(-1) for a in range(3)]
     offset = (centre * scale - 1).flip(-1)
     grid = (terms[0][:, None, None] + (terms[1][None, :, None] + offset)) + terms[2][None, None, :]
     return grid[None]
 
 
 def _first_hits(mask: torch.Tensor):
-    """The first-hit maps of Lambda (eqs. 2-4) along the three axes of a {0, 1} float cube, both directions.
+    """The first-hit maps of Lambda (eqs. 2-4) along the three axes of a {0, 1} float volume, both directions.
 
     Eq. 2 reconstructed (the extraction is garbled): zeta_{a,d}(k) = k_a for d = +1 and S - 1 - k_a for
     d = -1, the distance a ray entering along axis a from side d has travelled; eq. 3 marks a voxel when it is
     1 and has the smallest zeta among the 1-voxels of its ray, i.e. the first 1 the ray meets. ``max`` along
-    an axis returns the first maximum, so one reduction finds that voxel on every ray, and one on the cube
+    an axis returns the first maximum, so one reduction finds that voxel on every ray, and one on the volume
     reversed along all axes finds the first voxel from the other side.
 
-    Yields, per axis a: hits (2, n, n) bool, the ray meets the head; depth (2, n, n), the hit's index along a
+    Yields, per axis a: hits (2, m, n) bool, the ray meets the head; depth (2, m, n), the hit's index along a
     for d = +1 and d = -1; a. The maps are indexed by the two other axes in order.
     """
-    side = mask.shape[0]
     reversed_ = mask.flip((0, 1, 2))
     for axis in range(3):
         hit, first = mask.max(axis)
         # Reversal flipped the two remaining axes of the map too: flip them back.
-        last = side - 1 - reversed_.max(axis)[1].flip((0, 1))
-        yield (hit > 0.5).expand(2, side, side), torch.stack([first, last]), axis
+        last = mask.shape[axis] - 1 - reversed_.max(axis)[1].flip((0, 1))
+        yield (hit > 0.5).expand(2, *hit.shape), torch.stack([first, last]), axis
+
+
+def _ray_index(depth: torch.Tensor, axis: int) -> tuple[torch.Tensor, ...]:
+    """Index of the voxels at ``depth`` (2, m, n) along ``axis``, one per ray of a first-hit map."""
+    across = [torch.arange(n, device=depth.device) for n in depth.shape[1:]]
+    index = [across[0][:, None], across[1][None, :]]
+    index.insert(axis, depth)
+    return tuple(index)
+
+
+def _hit_voxels(hits: torch.Tensor, depth: torch.Tensor, axis: int) -> torch.Tensor:
+    """(n, 3) KJI voxel coordinates of the first hits of one axis (both directions)."""
+    index = torch.stack(torch.broadcast_tensors(*_ray_index(depth, axis)), -1)
+    return index[hits]
 
 
 def convex_hull_mask(
