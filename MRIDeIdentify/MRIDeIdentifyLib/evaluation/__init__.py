@@ -6,6 +6,7 @@ heavy dependencies (dlib-bin, face-recognition-models, antspyx, matplotlib) come
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -42,12 +43,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The command on parsed arguments (shared with the CLI's subcommand)."""
-    from .report import CONTROLS  # noqa: F401  (fails early, naming the extra, when matplotlib is missing)
     from .runner import evaluate
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not args.data.is_dir():
         print(f"error: {args.data}: not a folder", file=sys.stderr)
+        return 2
+    needed = ("dlib", "face_recognition_models", "matplotlib") + (() if args.no_fidelity else ("ants",))
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: the evaluation needs {', '.join(missing)}: pip install 'mrideidentify[eval]'", file=sys.stderr)
         return 2
     try:
         summary, controls_passed = evaluate(args.data, methods, args.out, size=args.render_size, run_fidelity=not args.no_fidelity,
