@@ -3,8 +3,8 @@
 gamma(x) = [c(x), b(x), b(x)*x] on the model grid: c(x) a convex volume enclosing the head, carved out of a
 volume of ones by randomly chosen facets of the convex hull of sampled surface points, b(x) the brain mask,
 b(x)*x the brain intensities. It keeps the brain and the rough size and pose of the head, and nothing of the
-face. Everything runs in torch on the device of the input tensors, except the hull itself (Qhull, CPU) which
-only sees a few thousand points.
+face. Everything runs in torch on the device of the input tensors, except the hull itself (Qhull, CPU), which
+only sees the sampled surface points (~20k at 128^3).
 
 Arrays are KJI volumes of the model grid (axis 0 = k, axis 2 = i); coordinates are voxel indices. Randomness
 comes from an explicit ``torch.Generator``: random numbers are drawn on the generator's device and then moved
@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from scipy.spatial import ConvexHull, QhullError
 
 # Measured at 128^3 on four shared heads x 3 seeds (benchmarks/bench_privacy.py --rotations): the hull does not
-# depend on the rotation count (it holds >= 99.94 % of every head and 1.3x its volume from K = 1 on: the
-# extreme points are first hits for any rotation), while Z's mean error against K = 64 falls as ~1/sqrt(K):
-# 0.69, 0.50, 0.34, 0.25, 0.19 for K = 1, 2, 4, 8, 16. A rotation costs ~0.08 s of one core at 128^3, so
-# K = 8 makes Z a usable probability map (error 0.25) for ~0.7 s, well inside the stage's 2-3 s budget;
-# 16 would double the cost for a quarter less error.
+# depend on the rotation count (it holds >= 99.94 % of every head and ~1.3x its volume from K = 1 on: the
+# extreme points are first hits under any rotation), while Z's mean error against K = 64 falls as ~1/sqrt(K):
+# 0.69, 0.50, 0.34, 0.25, 0.19 for K = 1, 2, 4, 8, 16. A rotation costs ~0.04 s of one core at 128^3
+# (K = 8: 0.32 s for Z, 0.7 s for the whole transform), so K = 8 makes Z a usable probability map well
+# inside the stage's 2-3 s budget; 16 would double the cost for a quarter less error.
 DEFAULT_ROTATIONS = 8
 
 # Voxel centres lying exactly on a hull plane belong to the hull; this absorbs float64 rounding only.
@@ -38,8 +38,7 @@ def random_rotations(k: int, generator: torch.Generator | None = None) -> torch.
     A normalised 4-D standard normal vector is a uniform unit quaternion, and q and -q give the same
     rotation, so the matrices are uniform (Haar) on SO(3).
     """
-    device = generator.device if generator is not None else torch.device("cpu")
-    q = torch.randn(k, 4, generator=generator, device=device, dtype=torch.float64)
+    q = torch.randn(k, 4, generator=generator, device=_generator_device(generator), dtype=torch.float64)
     w, x, y, z = (q / q.norm(dim=1, keepdim=True)).unbind(1)
     rotation = torch.stack(
         [
@@ -204,23 +203,25 @@ def _carve(planes: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Bool volume of the voxels inside every plane (float64 (F, 4) rows n_k, n_j, n_i, offset).
 
     The inside of a convex set along each i-row is one interval, so the planes are solved for the row's
-    bounds on (F, K, J) values and the volume is filled by one comparison per voxel, instead of evaluating
-    F planes at every voxel.
+    bounds on (K, J) maps and the volume is filled by one comparison per voxel, instead of evaluating F planes
+    at every voxel. Planes go 16 at a time to bound the (16, K, J) temporaries.
     """
     device = planes.device
     k = torch.arange(shape[0], device=device, dtype=torch.float64)[None, :, None]
     j = torch.arange(shape[1], device=device, dtype=torch.float64)[None, None, :]
-    normal_k, normal_j, normal_i, offset = (planes[:, c, None, None] for c in range(4))
-    # Each plane reads normal_i * i <= slack on the row (k, j).
-    slack = _PLANE_TOLERANCE - (normal_k * k + normal_j * j + offset)
-    flat = normal_i.abs() < 1e-9
-    bound = slack / torch.where(flat, torch.ones_like(normal_i), normal_i)
-    inf = torch.tensor(math.inf, dtype=torch.float64, device=device)
-    upper = torch.where(normal_i >= 1e-9, bound.floor(), inf).amin(0)
-    lower = torch.where(normal_i <= -1e-9, bound.ceil(), -inf).amax(0)
-    # A plane parallel to the rows either keeps or removes a whole row.
-    outside = (flat & (slack < 0)).any(0)
-    upper = torch.where(outside, -inf, upper)
+    upper = torch.full(shape[:2], math.inf, dtype=torch.float64, device=device)
+    lower = torch.full(shape[:2], -math.inf, dtype=torch.float64, device=device)
+    for chunk in planes.split(16):
+        normal_k, normal_j, normal_i, offset = (chunk[:, c, None, None] for c in range(4))
+        # Each plane reads normal_i * i <= slack on the row (k, j).
+        slack = _PLANE_TOLERANCE - (normal_k * k + normal_j * j + offset)
+        rising, falling = normal_i >= 1e-9, normal_i <= -1e-9
+        bound = slack / torch.where(rising | falling, normal_i, torch.ones_like(normal_i))
+        upper = torch.minimum(upper, torch.where(rising, bound.floor(), math.inf).amin(0))
+        lower = torch.maximum(lower, torch.where(falling, bound.ceil(), -math.inf).amax(0))
+        # A plane parallel to the rows either keeps or removes a whole row.
+        parallel_outside = (~(rising | falling) & (slack < 0)).any(0)
+        upper = torch.where(parallel_outside, -math.inf, upper)
     i = torch.arange(shape[2], device=device, dtype=torch.float64)
     return (i >= lower[..., None]) & (i <= upper[..., None])
 
@@ -239,6 +240,9 @@ def privacy_transform(
     ``volume``: float KJI intensities on the model grid (normalised units); ``brain``: bool KJI brain mask on
     the same grid; ``threshold``: the head level delta in ``volume``'s units. The inputs are not modified;
     the result is a new tensor. Equal seeds give identical results on a given device.
+
+    As in the paper, the head is 1[x >= delta] with no clean-up: delta must lie above the background noise
+    (headmask.head_threshold). Stray voxels above it can only enlarge c(x), never cut into the head.
     """
     if volume.dim() != 3 or volume.shape != brain.shape:
         raise ValueError(
