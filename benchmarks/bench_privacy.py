@@ -1,13 +1,15 @@
 """Time and peak memory of the privacy transform gamma(x) on the CPU, and the choice of its rotation count.
 
 Heads come from the shared data through the engine's own steps (reader, head threshold and mask, model grid),
-so the transform sees what the ``remodel`` method gives it. Each size runs in a fresh process; peak memory is
+so the transform sees what the ``remodel`` method gives it. Each size runs in a fresh process. Peak memory is
 the growth of the peak RSS over the inputs already in memory during the first (cold) call (Linux:
-``/proc/self/clear_refs`` resets the peak before it). Wall time is the median of ``--repeats`` runs after one warm-up; CPU time is
-the process's user + system time over the same runs (it exceeds wall time when both threads work, and stays
-honest when the machine is shared and wall time is not).
+``/proc/self/clear_refs`` resets the peak before it). Wall time is the median of ``--repeats`` later runs; CPU
+time is the process's user + system time per run. On a shared machine wall time grows with the load and
+CPU time with 2 threads includes OpenMP spin-waiting, so ``--threads 1`` CPU time is the cleanest figure of
+the work itself.
 
     .venv/bin/python benchmarks/bench_privacy.py                  # 64/128/256^3, one head, 2 threads
+    .venv/bin/python benchmarks/bench_privacy.py --threads 1      # the same on one thread
     .venv/bin/python benchmarks/bench_privacy.py --rotations      # Z accuracy and hull vs rotation count
 """
 from __future__ import annotations
@@ -31,7 +33,6 @@ STUDY_HEADS = ("S04_robex_ref_T1.nii.gz", "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz", 
 
 def model_grid_inputs(path: Path, size: int):
     """(volume, head, brain stand-in, threshold) on the model grid, as torch tensors and a float."""
-    import numpy as np
     import torch
     from scipy import ndimage
 
@@ -113,7 +114,8 @@ def rotation_study(size: int, threads: int) -> None:
                 rows[k]["contains"].append(float((hull & head).sum() / head.sum()))
                 rows[k]["volume"].append(float(hull.sum() / head.sum()))
     print(f"\nRotation count at {size}^3, {len(STUDY_HEADS)} heads x 3 seeds, {threads} threads")
-    print("| rotations | Z rel. error vs 64 | hull contains head (min) | hull / head volume (mean) | Z CPU s (median) |")
+    print("| rotations | Z rel. error vs 64 | hull contains head (min) | hull / head volume (mean) "
+          "| Z CPU s (median) |")
     print("|---|---|---|---|---|")
     for k, r in rows.items():
         print(f"| {k} | {statistics.mean(r['err']):.3f} | {min(r['contains']):.4f} | "
