@@ -27,8 +27,15 @@ from MRIDeIdentifyLib.privacy import (
 from MRIDeIdentifyLib.reader import read_volume
 
 CPU = torch.device("cpu")
-# The transform is fast; the suite shares two cores with other runs.
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The transforms here are small: one thread is as fast, and the suite shares two cores with other runs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)
