@@ -20,6 +20,13 @@ from .pipeline import DEFAULT_MARGIN_MM
 PROG = "mri-deidentify"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (the contract), pointing to --help for the rest."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
+
+
 def _method_names() -> List[str]:
     from .methods import method_names
     return method_names()
@@ -48,7 +55,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="De-identify head MRI: remodel the face, keep every "
+    parser = OneLineParser(prog=PROG, description="De-identify head MRI: remodel the face, keep every "
                                      "brain voxel bit-identical, keep the input's grid.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

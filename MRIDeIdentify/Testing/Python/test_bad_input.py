@@ -425,8 +425,6 @@ NEEDS_DICOM = {"dicom-two-series", "dicom-unknown-series", "dicom-truncated-pixe
 KNOWN_BUGS: Dict[str, str] = {
     "model-card-not-json": "model.load_generator parses the model card without catching ValueError/KeyError, "
                            "so a broken card is an internal error (exit 1), found only after the brain mask",
-    **dict.fromkeys(("non-numeric-margin", "unknown-device", "missing-output-argument"),
-                    "argparse prints its multi-line usage before the error line: 8 lines for one usage error"),
 }
 # Run in a real subprocess by default (the rest only with -m slow): one per reading path.
 SUBPROCESS_FAST = {"empty-file", "text-named-nii-gz", "unknown-method"}
