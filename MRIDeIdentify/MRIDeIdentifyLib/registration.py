@@ -1,19 +1,23 @@
-"""Register an average head to a subject (SimpleITK): similarity, anisotropic scaling, then a smooth warp.
+"""Register an average head to a subject (SimpleITK): a similarity transform, then a smooth surface warp.
 
 Everything runs on copies of both heads resampled to ``spacing_mm`` isotropic voxels (default 4 mm), so a
 registration takes a few seconds on two cores whatever the input resolution; the result is a transform in
 physical (LPS, mm) space that applies at any resolution.
 
-The linear stages maximise Mattes mutual information between the images, which works across contrasts
-(the T1 template onto T2 subjects) and scanner intensity scales. The deformable stage matches skin surfaces
-only: diffeomorphic demons between the signed distance maps of the two head masks, with a Gaussian-smoothed
-displacement field. Intensities would pull the warp towards inner anatomy the template does not share with
+The similarity stage (rotation, translation, one scale) maximises Mattes mutual information between the
+images, which works across contrasts (the T1 template onto T2 subjects) and scanner intensity scales. The
+deformable stage matches skin surfaces only: symmetric-forces demons between the signed distance maps of the
+two head masks, with a Gaussian-smoothed displacement field. Intensities would pull the warp towards inner anatomy the template does not share with
 the subject (sinuses, muscles), while what ``reface`` and ``deface`` need is the template's face and scalp on
-the subject's outline; distance maps also make the step independent of contrast.
+the subject's outline; distance maps also make the step independent of contrast. There is no affine stage
+between them: with three scales or shears the fit squashed heads by up to 25 % along S on subjects whose field
+of view ends at the chin, where the template goes on to the neck, and the surface warp adapts the head's
+proportions anyway.
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,17 +29,42 @@ DEMONS_ITERATIONS = 50
 # Field smoothing in voxels of the registration grid (2 x 4 mm): strong enough that the warp moves a chin or
 # a scalp by a centimetre as a whole without folding it.
 DEMONS_SMOOTHING_VOXELS = 2.0
+# Head pitch (nodding, degrees about the L axis) tried as starting points: a head tilted by more than ~15
+# degrees against the template traps a gradient descent started upright in a wrong fit.
+PITCH_STARTS_DEG = (0.0, -25.0, 25.0)
 
 
 def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image, *,
-             deformable: bool = True, spacing_mm: float = DEFAULT_SPACING_MM, seed: int = 0) -> sitk.Transform:
+             keep_shape: Optional[sitk.Image] = None, deformable: bool = True,
+             spacing_mm: float = DEFAULT_SPACING_MM, seed: int = 0) -> sitk.Transform:
     """The transform that maps ``fixed`` physical points (LPS mm) onto ``moving``: resample ``moving`` with it.
 
     ``fixed_mask`` / ``moving_mask`` are the head masks (non-zero = tissue, on their image's grid): they
     restrict the metric to tissue, so that background noise and differing fields of view do not pull the fit,
-    and they drive the deformable stage. ``seed`` fixes the metric's random sampling: the same inputs and seed
+    and they drive the deformable stage. ``keep_shape`` (non-zero on ``moving``'s grid) is where the warp
+    must not copy the subject's surface: there the moving head keeps its own outline, bent only by the warp
+    of its surroundings. ``seed`` fixes the metric's random sampling: the same inputs and seed
     give the same transform. Inputs are not modified.
     """
+    with _single_threaded():
+        return _register(fixed, moving, fixed_mask, moving_mask, keep_shape, deformable, spacing_mm, seed)
+
+
+@contextmanager
+def _single_threaded() -> Iterator[None]:
+    """ITK adds per-thread partial sums of the metric in a varying order, which moves a registration by
+    micrometres from run to run; one thread makes the same seed give the same transform, and on 4 mm images
+    costs little more than two."""
+    previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+
+
+def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image,
+              keep_shape: Optional[sitk.Image], deformable: bool, spacing_mm: float, seed: int) -> sitk.Transform:
     fixed_small = _downsample(fixed, spacing_mm)
     moving_small = _downsample(moving, spacing_mm)
     fixed_mask_small = _mask_like(fixed_mask, fixed_small)
@@ -45,29 +74,32 @@ def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, movi
     # view only would drag an intensity-weighted centre by centimetres.
     initial = sitk.CenteredTransformInitializer(fixed_mask_small, moving_mask_small, sitk.Similarity3DTransform(),
                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
-    similarity = _run(fixed_small, moving_small, fixed_mask_small, moving_mask_small, initial,
-                      shrink=[4, 2, 1], sigmas_mm=[8.0, 4.0, 2.0], seed=seed)
-    # Three scales but no shear: a full affine let the template's neck squash the head by 25 % in S on
-    # subjects whose field of view ends at the chin.
-    scaled = sitk.ScaleVersor3DTransform()
-    scaled.SetCenter(similarity.GetCenter())
-    scaled.SetRotation(similarity.GetVersor())
-    scaled.SetTranslation(similarity.GetTranslation())
-    scaled.SetScale([similarity.GetScale()] * 3)
-    scaled = _run(fixed_small, moving_small, fixed_mask_small, moving_mask_small, scaled,
-                  shrink=[2, 1], sigmas_mm=[4.0, 2.0], seed=seed)
+    fits = []
+    for pitch in PITCH_STARTS_DEG:
+        start = sitk.Similarity3DTransform(initial)
+        start.SetRotation((1.0, 0.0, 0.0), float(np.deg2rad(pitch)))
+        fits.append(_run(fixed_small, moving_small, fixed_mask_small, moving_mask_small, start,
+                         shrink=[4, 2, 1], sigmas_mm=[8.0, 4.0, 2.0], seed=seed))
+    # Compared at full registration resolution: at the coarsest level the metric prefers wrong tilts.
+    similarity = min(fits, key=lambda fit: fit[1])[0]
     if not deformable:
-        return scaled
+        return similarity
 
     fixed_distance = _distance(fixed_mask_small)
-    moving_distance = sitk.Resample(_distance(moving_mask_small), fixed_small, scaled, sitk.sitkLinear,
+    moving_distance = sitk.Resample(_distance(moving_mask_small), fixed_small, similarity, sitk.sitkLinear,
                                     DISTANCE_CLAMP_MM)
+    if keep_shape is not None:
+        # Identical images there: no demons force, so the moving outline stays its own.
+        keep = sitk.Resample(_mask_like(keep_shape, moving_small), fixed_small, similarity, sitk.sitkNearestNeighbor,
+                             0, sitk.sitkUInt8)
+        fixed_distance = sitk.Mask(fixed_distance, keep, outsideValue=0, maskingValue=1) + \
+            sitk.Mask(moving_distance, keep)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetNumberOfIterations(DEMONS_ITERATIONS)
     demons.SetStandardDeviations(DEMONS_SMOOTHING_VOXELS)
     field = demons.Execute(fixed_distance, moving_distance)
     warp_field = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-    return sitk.CompositeTransform([scaled, warp_field])
+    return sitk.CompositeTransform([similarity, warp_field])
 
 
 def warp(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
@@ -88,7 +120,9 @@ def warp(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
 
 
 def _run(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image,
-         transform: sitk.Transform, *, shrink: list, sigmas_mm: list, seed: int) -> sitk.Transform:
+         transform: sitk.Transform, *, shrink: List[int], sigmas_mm: List[float],
+         seed: int) -> Tuple[sitk.Transform, float]:
+    """One multi-resolution Mattes MI fit from ``transform``; returns the fit and its final metric (lower is better)."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
@@ -106,7 +140,7 @@ def _run(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_m
     result = method.Execute(fixed, moving)
     if isinstance(result, sitk.CompositeTransform) and result.GetNumberOfTransforms() == 1:
         result = result.GetNthTransform(0)
-    return result.Downcast()
+    return result.Downcast(), method.GetMetricValue()
 
 
 def _distance(mask: sitk.Image) -> sitk.Image:
@@ -142,9 +176,7 @@ def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     return sitk.Resample(image, _grid(image, spacing_mm), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
 
-def _mask_like(mask: Optional[sitk.Image], reference: sitk.Image) -> Optional[sitk.Image]:
-    if mask is None:
-        return None
+def _mask_like(mask: sitk.Image, reference: sitk.Image) -> sitk.Image:
     # Linear then > 0.5 keeps a thin mask's area at its true position when it shrinks by 3x.
     small = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, 0.0)
     return sitk.Cast(small > 0.5, sitk.sitkUInt8)

@@ -8,6 +8,8 @@ brain. Its buffer is a count of voxels: we give it in mm along the axis it shift
 """
 from __future__ import annotations
 
+import warnings
+
 import nibabel as nib
 import numpy as np
 import quickshear as quickshear_package
@@ -44,7 +46,10 @@ def shear_mask(brain: np.ndarray, affine: np.ndarray, buffer_mm: float = DEFAULT
     mask_img = nib.Nifti1Image(brain_ijk, affine)
     ones_img = nib.Nifti1Image(np.ones_like(brain_ijk), affine)
     try:
-        sheared = quickshear_package.quickshear(ones_img, mask_img, buffer_voxels)
+        with warnings.catch_warnings():
+            # numpy 2 deprecates the package's 2-D np.cross, once per hull point; the result is unchanged.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            sheared = quickshear_package.quickshear(ones_img, mask_img, buffer_voxels)
     except (IndexError, ValueError) as error:
         # The package needs at least two points on the hull of the brain's sagittal profile.
         raise InputError(f"quickshear cannot fit a plane under this brain mask ({error})") from error

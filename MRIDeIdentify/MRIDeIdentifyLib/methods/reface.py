@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from ..registration import warp
 from ..template import fit_template, load_template
@@ -18,6 +19,10 @@ from . import MethodContext, MethodOutput, register
 # Quantiles matched between the template and the subject (percent): dense enough to follow fat, muscle
 # and bone marrow separately, clipped at 1/99 so that a few vessels or artefacts do not set the range.
 _QUANTILES = np.linspace(1.0, 99.0, 50)
+# Scale (mm) of the local gain between template and subject: the size of a cheek or a scalp region, far above
+# that of the features that identify a face.
+_GAIN_SIGMA_MM = 12.0
+_GAIN_RANGE = (0.5, 4.0)
 
 
 @register("reface", summary="replace face, ears, scalp and skull by an average head registered to the subject",
@@ -30,8 +35,10 @@ def run(ctx: MethodContext) -> MethodOutput:
         values = sitk.GetArrayFromImage(warp(template.image, ctx.image, transform))
         head = sitk.GetArrayFromImage(warp(template.head, ctx.image, transform, sitk.sitkNearestNeighbor)) > 0
     with ctx.stage("intensity match"):
-        values = match_intensities(values, ctx.array, head & ctx.head & ~ctx.brain,
-                                   fallback=ctx.head & ~ctx.brain)
+        overlap = head & ctx.head & ~ctx.brain
+        values = match_intensities(values, ctx.array, overlap, fallback=ctx.head & ~ctx.brain)
+        values *= local_gain(values, ctx.array, overlap & (ctx.array > ctx.threshold),
+                             np.asarray(ctx.image.GetSpacing()[::-1]))
     head |= ctx.brain
     return MethodOutput(values=values, head=head, changed=(head | ctx.head) & ~ctx.brain)
 
@@ -51,3 +58,22 @@ def match_intensities(values: np.ndarray, reference: np.ndarray, region: np.ndar
     # np.interp needs strictly increasing sample points; flat stretches of the template's histogram repeat.
     source = np.maximum.accumulate(source) + np.arange(source.size) * 1e-6 * max(1.0, float(np.ptp(source)))
     return np.interp(values, source, target).astype(np.float32)
+
+
+def local_gain(values: np.ndarray, reference: np.ndarray, region: np.ndarray, spacing_kji: np.ndarray) -> np.ndarray:
+    """Smooth multiplicative field (float32 KJI) bringing ``values`` to ``reference``'s local mean over ``region``.
+
+    One histogram map cannot fix regional differences: the average face is dim where misaligned faces were
+    averaged with air, and coil shading differs between scanners. Means are normalised convolutions over the
+    subject's tissue (Gaussian of ``_GAIN_SIGMA_MM``, ``spacing_kji`` in mm); the gain fades to 1 away from it.
+    """
+    weight = region.astype(np.float32)
+    sigma = _GAIN_SIGMA_MM / np.asarray(spacing_kji, float)
+    support = ndimage.gaussian_filter(weight, sigma, mode="constant")
+    mean_reference = ndimage.gaussian_filter(reference * weight, sigma, mode="constant")
+    mean_values = ndimage.gaussian_filter(values * weight, sigma, mode="constant")
+    tiny = 1e-6 * max(1.0, float(np.abs(reference[region]).mean()) if region.any() else 1.0)
+    gain = np.clip(mean_reference / np.maximum(mean_values, tiny), *_GAIN_RANGE)
+    # Where the subject has little tissue nearby the gain is a guess: blend towards 1 with the support.
+    trust = np.clip(support / 0.25, 0.0, 1.0)
+    return (1.0 + trust * (gain - 1.0)).astype(np.float32)
