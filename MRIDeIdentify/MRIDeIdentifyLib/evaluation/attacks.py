@@ -59,6 +59,9 @@ TARGET_POINTS = 20000
 TARGET_MARGIN_MM = 25.0
 _TRIM = 0.9  # keep the closest 90 % of probe points: the probe's region edge need not exist in the target
 _MIN_POINTS = 100
+# Overall scale a similarity ICP may apply: adult heads differ by well under 15 % in size, and without a
+# bound the closest-point objective shrinks the probe towards a point (distance 0 to any target).
+SCALE_RANGE = (0.85, 1.15)
 
 
 @dataclass
@@ -133,6 +136,7 @@ def icp_distance(probe: np.ndarray, probe_frame: HeadFrame, target: Target, mode
     moved = (probe - probe_frame.nose) @ rotation.T + target.frame.nose
     keep = max(_MIN_POINTS, int(_TRIM * len(moved)))
     previous = np.inf
+    total_scale = 1.0
     for _ in range(iterations):
         distances, index = target.tree.query(moved)
         order = np.argsort(distances)[:keep]
@@ -140,20 +144,25 @@ def icp_distance(probe: np.ndarray, probe_frame: HeadFrame, target: Target, mode
         if previous - rms < 1e-3:
             break
         previous = rms
-        scale, turn, shift = _umeyama(moved[order], target.points[index[order]], mode == "similarity")
+        bounds = (SCALE_RANGE[0] / total_scale, SCALE_RANGE[1] / total_scale) if mode == "similarity" else (1.0, 1.0)
+        scale, turn, shift = _umeyama(moved[order], target.points[index[order]], bounds)
+        total_scale *= scale
         moved = scale * moved @ turn.T + shift
     distances, _ = target.tree.query(moved)
     return float(np.sqrt(np.mean(np.sort(distances)[:keep] ** 2)))
 
 
-def _umeyama(source: np.ndarray, target: np.ndarray, with_scale: bool) -> tuple[float, np.ndarray, np.ndarray]:
-    """Least-squares (scale, rotation, translation) mapping ``source`` onto ``target`` (Umeyama 1991)."""
+def _umeyama(source: np.ndarray, target: np.ndarray, scale_bounds: tuple[float, float]
+             ) -> tuple[float, np.ndarray, np.ndarray]:
+    """Least-squares (scale, rotation, translation) mapping ``source`` onto ``target`` (Umeyama 1991), the
+    scale clipped to ``scale_bounds`` ((1, 1) for a rigid fit)."""
     mean_s, mean_t = source.mean(axis=0), target.mean(axis=0)
     a, b = source - mean_s, target - mean_t
     u, sigma, vt = np.linalg.svd(b.T @ a / len(a))
     sign = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
     turn = u @ sign @ vt
-    scale = float(np.trace(np.diag(sigma) @ sign) / np.mean(np.sum(a ** 2, axis=1))) if with_scale else 1.0
+    scale = float(np.trace(np.diag(sigma) @ sign) / np.mean(np.sum(a ** 2, axis=1)))
+    scale = float(np.clip(scale, *scale_bounds))
     return scale, turn, mean_t - scale * turn @ mean_s
 
 

@@ -80,8 +80,10 @@ def control_verdicts(summaries: dict[str, dict]) -> dict[str, tuple[bool, str]]:
         verdicts["control: re-render"] = (ok, f"rank-1 >= {POSITIVE_RANK1} for the 2-D and the 3-D feature attack")
     same = summaries.get("control: same person")
     if same:
-        ok = same["features_rank1"] >= POSITIVE_RANK1
-        verdicts["control: same person"] = (ok, f"rank-1 >= {POSITIVE_RANK1} for the 3-D feature attack")
+        # Two scans of one person need not show the same part of the face (one cut at the nose, one whole),
+        # so the suite passes when either identity attack recognises the other scan.
+        ok = max(same["2d_rank1"], same["features_rank1"]) >= POSITIVE_RANK1
+        verdicts["control: same person"] = (ok, f"rank-1 >= {POSITIVE_RANK1} for the 2-D or the 3-D feature attack")
     average = summaries.get("control: average face")
     if average:
         ok = all(average[f"{a}_rank1_low"] <= average[f"{a}_chance"] <= average[f"{a}_rank1_high"]

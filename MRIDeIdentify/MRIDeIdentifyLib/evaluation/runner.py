@@ -252,14 +252,20 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
                                 original_rows[template.name], own, allowed))
 
     analyses: dict[str, fidelity.Analysis] = {}
-    if run_fidelity:
-        progress(f"fidelity: analysing {len(real)} originals")
-        for scan in real:
-            analyses[scan.name] = fidelity.analyse(images[scan.name], fidelity_spacing_mm, seed)
+
+    def downstream(scan: Scan, output: sitk.Image, method: str) -> dict:
+        """The fidelity row of one output, cached in the work folder (the originals analysed on demand)."""
+        cached = work / "outputs" / method / f"{scan.name}_fidelity_{fidelity_spacing_mm:g}mm.json"
+        if not cached.is_file():
+            if scan.name not in analyses:
+                analyses[scan.name] = fidelity.analyse(images[scan.name], fidelity_spacing_mm, seed)
+            row = fidelity.compare(analyses[scan.name], fidelity.analyse(output, fidelity_spacing_mm, seed))
+            cached.write_text(json.dumps({**row, "original_error": analyses[scan.name].error}))
+        return json.loads(cached.read_text())
 
     thumbnails: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
     for method in methods:
-        progress(f"{method}: attacking {len(real)} outputs")
+        progress(f"{method}: attacking {len(real)} outputs" + (" and analysing them" if run_fidelity else ""))
         thumbnails[method] = []
         for scan in real:
             i = index[scan.name]
@@ -276,7 +282,7 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
             facts["detected"] = head.probe.score > attacks.DETECT_SCORE
             facts["embedding"] = head.probe.vector
             if run_fidelity:
-                facts.update(fidelity.compare(analyses[scan.name], fidelity.analyse(output, fidelity_spacing_mm, seed)))
+                facts.update(downstream(scan, output, method))
             same = persons == scan.person
             own = np.arange(len(scans)) == i
             probes.append(Probe(method, scan.name, distances(head, heads), own, ~same | own, facts))
@@ -285,7 +291,8 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
     originals = {scan.name: heads[index[scan.name]].probe.vector for scan in real}
     return report.write(Path(out_dir), probes, methods, originals, thumbnails, n_gallery=len(scans),
                         n_templates=len(scans) - len(real), data_dir=Path(data_dir),
-                        fidelity_failures={n: a.error for n, a in analyses.items() if a.error})
+                        fidelity_failures={p.scan: p.facts["original_error"] for p in probes
+                                           if p.facts.get("original_error")})
 
 
 def exactness(original: sitk.Image, output: sitk.Image, copied: np.ndarray) -> dict:
