@@ -77,6 +77,8 @@ def test_icp_undoes_a_similarity_and_finds_the_same_person(s06):
             attacks.subsample(attacks.region_points(other_surface, other_frame, region), 1500), other_frame,
             target, region.mode)
     assert distances["S06_dcmqa_xa30_T1w_ser6_2mm"] < distances["S05_mne_sample_T1_3mm"]
+    # The similarity's scale is bounded: another face is not shrunk onto a point to reach distance 0.
+    assert distances["S05_mne_sample_T1_3mm"] > 1.0
     # An empty region cannot be matched: NaN, which ranks as a tie with everything.
     assert np.isnan(attacks.icp_distance(np.zeros((0, 3)), frame, target, "rigid"))
 
