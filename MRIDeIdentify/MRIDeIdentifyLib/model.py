@@ -188,6 +188,12 @@ class Discriminator(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         # The last block halves 4³ to 2³. No bias: the relativistic losses see only score differences.
         self.head = nn.Linear(previous * (MIN_SIZE // 2) ** 3, 1, bias=False)
+        # Spectral normalisation bounds the critic's slope. Without it the relativistic losses, which only see
+        # score differences, let the scores grow without limit: a 32³ CPU run at lr 2e-3 blew up (losses 1e11)
+        # after 220 steps and took the generator with it.
+        for module in self.modules():
+            if isinstance(module, (nn.Conv3d, nn.Linear)):
+                nn.utils.parametrizations.spectral_norm(module)
 
     def forward(self, images: List[torch.Tensor], gammas: List[torch.Tensor]) -> torch.Tensor:
         h = None

@@ -1,7 +1,6 @@
 """Training (train.py): one step, a short overfit on a real head, DDP equivalence, exact resume, growing, export."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +40,15 @@ def _models(size: int, seed: int = 0):
 def test_one_step_gives_finite_losses_and_changes_every_weight(size):
     config = train.TrainConfig(size=size, rotations=4)
     model_config, g, d = _models(size)
-    before = copy.deepcopy(g.state_dict()), copy.deepcopy(d.state_dict())
+    before = ({n: p.detach().clone() for n, p in g.named_parameters()},
+              {n: p.detach().clone() for n, p in d.named_parameters()})
     opt_g, opt_d = train.make_optimizer(g.parameters(), config), train.make_optimizer(d.parameters(), config)
     batch = train.make_batch([_synthetic_head(size)], config, model_config, torch.Generator().manual_seed(0), "cpu")
     losses = train.train_step(g, d, opt_g, opt_d, batch, config.recon_weight)
     assert set(losses) == {"loss_d", "loss_g", "recon"}
     assert all(np.isfinite(v) for v in losses.values())
     for net, old in zip((g, d), before):
-        for name, value in net.state_dict().items():
+        for name, value in net.named_parameters():
             assert not torch.equal(value, old[name]), f"{type(net).__name__}.{name} did not change"
 
 
