@@ -7,9 +7,10 @@ physical (LPS, mm) space that applies at any resolution.
 The similarity stage (rotation, translation, one scale) maximises Mattes mutual information between the
 images, which works across contrasts (the T1 template onto T2 subjects) and scanner intensity scales. The
 deformable stage matches skin surfaces only: symmetric-forces demons between the signed distance maps of the
-two head masks, with a Gaussian-smoothed displacement field. Intensities would pull the warp towards inner anatomy the template does not share with
-the subject (sinuses, muscles), while what ``reface`` and ``deface`` need is the template's face and scalp on
-the subject's outline; distance maps also make the step independent of contrast. There is no affine stage
+two head masks, with a Gaussian-smoothed displacement field. Intensities would pull the warp towards inner
+anatomy the template does not share with the subject (sinuses, muscles), while what ``reface`` and ``deface``
+need is the template's scalp on the subject's outline; distance maps also make the step independent of
+contrast. There is no affine stage
 between them: with three scales or shears the fit squashed heads by up to 25 % along S on subjects whose field
 of view ends at the chin, where the template goes on to the neck, and the surface warp adapts the head's
 proportions anyway.
@@ -177,6 +178,6 @@ def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
 
 
 def _mask_like(mask: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    # Linear then > 0.5 keeps a thin mask's area at its true position when it shrinks by 3x.
+    # Linear then > 0.5 keeps a mask's outline where it was when it shrinks onto the coarse grid.
     small = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, 0.0)
     return sitk.Cast(small > 0.5, sitk.sitkUInt8)

@@ -66,9 +66,9 @@ def fit_template(image: sitk.Image, head: np.ndarray, seed: int = 0) -> sitk.Tra
 
     ``head`` is the subject's bool KJI head mask on ``image``'s grid. The warp fits the template's scalp, chin
     and neck to the subject's but not its face: copying the subject's face outline onto the average face
-    would bring back what ``reface`` removes, and ``deface``'s mask is a block that needs no outline. The transform maps the subject's
-    physical points (LPS mm) into the template: ``registration.warp(load_template().face, image, transform)``
-    puts the face mask on the subject's grid.
+    would bring back what ``reface`` removes, and ``deface``'s mask is a block that needs no outline.
+    The transform maps the subject's physical points (LPS mm) into the template:
+    ``registration.warp(load_template().face, image, transform)`` puts the face mask on the subject's grid.
     """
     template = load_template()
     subject_head = sitk.GetImageFromArray(head.astype(np.uint8))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from ..registration import warp
 from ..template import fit_template, load_template
@@ -67,11 +66,18 @@ def local_gain(values: np.ndarray, reference: np.ndarray, region: np.ndarray, sp
     averaged with air, and coil shading differs between scanners. Means are normalised convolutions over the
     subject's tissue (Gaussian of ``_GAIN_SIGMA_MM``, ``spacing_kji`` in mm); the gain fades to 1 away from it.
     """
+    spacing = [float(v) for v in np.asarray(spacing_kji, float)[::-1]]
+
+    def smooth(array: np.ndarray) -> np.ndarray:
+        # Recursive Gaussian: its cost does not grow with sigma, unlike a convolution on a 1 mm grid.
+        image = sitk.GetImageFromArray(array.astype(np.float32, copy=False))
+        image.SetSpacing(spacing)
+        return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(image, _GAIN_SIGMA_MM))
+
     weight = region.astype(np.float32)
-    sigma = _GAIN_SIGMA_MM / np.asarray(spacing_kji, float)
-    support = ndimage.gaussian_filter(weight, sigma, mode="constant")
-    mean_reference = ndimage.gaussian_filter(reference * weight, sigma, mode="constant")
-    mean_values = ndimage.gaussian_filter(values * weight, sigma, mode="constant")
+    support = smooth(weight)
+    mean_reference = smooth(reference * weight)
+    mean_values = smooth(values * weight)
     tiny = 1e-6 * max(1.0, float(np.abs(reference[region]).mean()) if region.any() else 1.0)
     gain = np.clip(mean_reference / np.maximum(mean_values, tiny), *_GAIN_RANGE)
     # Where the subject has little tissue nearby the gain is a guess: blend towards 1 with the support.
