@@ -66,20 +66,22 @@ def local_gain(values: np.ndarray, reference: np.ndarray, region: np.ndarray, sp
     averaged with air, and coil shading differs between scanners. Means are normalised convolutions over the
     subject's tissue (Gaussian of ``_GAIN_SIGMA_MM``, ``spacing_kji`` in mm); the gain fades to 1 away from it.
     """
-    spacing = [float(v) for v in np.asarray(spacing_kji, float)[::-1]]
-
-    def smooth(array: np.ndarray) -> np.ndarray:
-        # Recursive Gaussian: its cost does not grow with sigma, unlike a convolution on a 1 mm grid.
-        image = sitk.GetImageFromArray(array.astype(np.float32, copy=False))
-        image.SetSpacing(spacing)
-        return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(image, _GAIN_SIGMA_MM))
-
     weight = region.astype(np.float32)
-    support = smooth(weight)
-    mean_reference = smooth(reference * weight)
-    mean_values = smooth(values * weight)
+    support = _smooth(weight, spacing_kji, _GAIN_SIGMA_MM)
+    mean_reference = _smooth(reference * weight, spacing_kji, _GAIN_SIGMA_MM)
+    mean_values = _smooth(values * weight, spacing_kji, _GAIN_SIGMA_MM)
     tiny = 1e-6 * max(1.0, float(np.abs(reference[region]).mean()) if region.any() else 1.0)
     gain = np.clip(mean_reference / np.maximum(mean_values, tiny), *_GAIN_RANGE)
     # Where the subject has little tissue nearby the gain is a guess: blend towards 1 with the support.
     trust = np.clip(support / 0.25, 0.0, 1.0)
     return (1.0 + trust * (gain - 1.0)).astype(np.float32)
+
+
+def _smooth(array: np.ndarray, spacing_kji: np.ndarray, sigma_mm: float) -> np.ndarray:
+    """Gaussian of ``sigma_mm`` over a KJI array with voxel size ``spacing_kji`` (mm); a new float32 array.
+
+    A recursive Gaussian: its cost does not grow with sigma, unlike a convolution on a 1 mm grid.
+    """
+    image = sitk.GetImageFromArray(array.astype(np.float32, copy=False))
+    image.SetSpacing([float(v) for v in np.asarray(spacing_kji, float)[::-1]])
+    return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(image, sigma_mm))

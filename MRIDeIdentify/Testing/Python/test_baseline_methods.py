@@ -16,7 +16,7 @@ from scipy import ndimage
 
 from MRIDeIdentifyLib.brainmask import extract_brain_mask
 from MRIDeIdentifyLib.headmask import head_mask, head_threshold
-from MRIDeIdentifyLib.methods.reface import match_intensities
+from MRIDeIdentifyLib.methods.reface import local_gain, match_intensities
 from MRIDeIdentifyLib.pipeline import deidentify
 from MRIDeIdentifyLib.reader import read_volume, ras_affine
 from MRIDeIdentifyLib.registration import register, warp
@@ -217,6 +217,22 @@ def test_histogram_matching_maps_template_quantiles_onto_the_subject():
     tiny = np.zeros_like(region)
     tiny[:10] = True
     np.testing.assert_allclose(match_intensities(template, subject, tiny, fallback=region), mapped)
+
+
+def test_local_gain_corrects_regional_brightness_and_fades_away_from_tissue():
+    # A template half as bright as the subject on one side of a slab, equal on the other.
+    reference = np.full((40, 40, 80), 100.0, np.float32)
+    values = reference.copy()
+    values[:, :, :40] *= 0.5
+    region = np.zeros(reference.shape, bool)
+    region[10:30, 10:30, 5:75] = True
+    gain = local_gain(values, reference, region, np.array([1.0, 1.0, 1.0]))
+    assert abs(gain[20, 20, 12] - 2.0) < 0.1 and abs(gain[20, 20, 68] - 1.0) < 0.1
+    # Far from any subject tissue the gain is 1: nothing there to match.
+    far = np.zeros_like(region)
+    far[:, :, 70:] = True
+    gain = local_gain(values, reference, far, np.array([1.0, 1.0, 1.0]))
+    assert abs(gain[20, 20, 5] - 1.0) < 1e-3
 
 
 def test_quickshear_plane_follows_the_anatomy_not_the_voxel_axes(scans):
