@@ -180,5 +180,6 @@ def dilate_mm(mask: np.ndarray, spacing_kji, margin_mm: float) -> np.ndarray:
     # Distance from every voxel of the box to the nearest mask voxel; only the box can be within the margin.
     distance = ndimage.distance_transform_edt(~mask[box], sampling=spacing)
     grown = np.zeros_like(mask)
-    grown[box] = distance <= margin_mm
+    # A margin equal to the voxel size must reach the next voxel despite float rounding of the distances.
+    grown[box] = distance <= margin_mm + 1e-6 * spacing.min()
     return grown

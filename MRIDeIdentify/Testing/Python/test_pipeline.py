@@ -129,3 +129,14 @@ def test_dicom_series_are_brain_exact(folder, uid):
     assert brain.sum() > 1000
     assert np.array_equal(sitk.GetArrayViewFromImage(volume.image)[brain],
                           sitk.GetArrayViewFromImage(result.image)[brain])
+
+
+def test_margin_dilation_is_in_millimetres_on_anisotropic_voxels():
+    from MRIDeIdentifyLib.brainmask import dilate_mm
+    mask = np.zeros((21, 21, 21), bool)
+    mask[10, 10, 10] = True
+    # Voxels of 3 mm along k and 1 mm along j, i: a 3 mm margin reaches one voxel along k, three along j.
+    grown = dilate_mm(mask, (3.0, 1.0, 1.0), 3.0)
+    assert grown[9, 10, 10] and grown[11, 10, 10] and not grown[8, 10, 10]
+    assert grown[10, 7, 10] and not grown[10, 6, 10]
+    assert not grown[9, 8, 10]  # sqrt(3^2 + 2^2) > 3 mm
