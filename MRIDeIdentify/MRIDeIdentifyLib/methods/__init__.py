@@ -88,6 +88,8 @@ class Method:
 
 
 METHODS: Dict[str, Method] = {}
+# Methods whose optional package is missing: name -> why (so `--method name` can say what to install).
+UNAVAILABLE: Dict[str, str] = {}
 # Preferred default, in order: the first one registered becomes what `run` uses without --method.
 _DEFAULT_ORDER = ("remodel",)
 # Every method module; a module whose optional dependency is missing is simply not registered.
@@ -109,9 +111,11 @@ def _load_all() -> None:
         try:
             importlib.import_module(f"{__name__}.{module}")
         except ModuleNotFoundError as error:
-            # Only a method's own file being absent is tolerated; a missing dependency inside it is a bug.
-            if error.name != f"{__name__}.{module}":
-                raise
+            # A missing package disables that one method (a Slicer user may not have installed it yet);
+            # the others stay usable.
+            if error.name == f"{__name__}.{module}":
+                continue
+            UNAVAILABLE[module] = f"needs the Python package {error.name!r}: pip install {error.name}"
 
 
 def method_names() -> List[str]:
@@ -133,6 +137,8 @@ def get_method(name: Optional[str]) -> Method:
         if name is None:
             raise InputError("no default method is available yet (the learned 'remodel' is not installed); "
                              f"choose one with --method ({', '.join(METHODS)})")
+    if name in UNAVAILABLE:
+        raise InputError(f"method {name!r} is not available: it {UNAVAILABLE[name]}")
     if name not in METHODS:
         raise InputError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     return METHODS[name]

@@ -140,3 +140,24 @@ def test_margin_dilation_is_in_millimetres_on_anisotropic_voxels():
     assert grown[9, 10, 10] and grown[11, 10, 10] and not grown[8, 10, 10]
     assert grown[10, 7, 10] and not grown[10, 6, 10]
     assert not grown[9, 8, 10]  # sqrt(3^2 + 2^2) > 3 mm
+
+
+def test_a_missing_optional_package_disables_only_its_method():
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'quickshear':\n"
+        "            raise ModuleNotFoundError(\"No module named 'quickshear'\", name='quickshear')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from MRIDeIdentifyLib.methods import METHODS, get_method\n"
+        "assert 'quickshear' not in METHODS and 'blur' in METHODS, list(METHODS)\n"
+        "try:\n"
+        "    get_method('quickshear')\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pip install quickshear" in done.stdout
