@@ -81,8 +81,10 @@ def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, mov
         start.SetRotation((1.0, 0.0, 0.0), float(np.deg2rad(pitch)))
         fits.append(_run(fixed_small, moving_small, fixed_mask_small, moving_mask_small, start,
                          shrink=[4, 2, 1], sigmas_mm=[8.0, 4.0, 2.0], seed=seed))
-    # Compared at full registration resolution: at the coarsest level the metric prefers wrong tilts.
-    similarity = min(fits, key=lambda fit: fit[1])[0]
+    # The starts are compared by how well the head outlines overlap, not by the final MI value: MI on a
+    # random sample ranked a 25-degree mis-tilt first on an oblique scan (brain Dice 0.62 instead of 0.94).
+    similarity = max((fit[0] for fit in fits),
+                     key=lambda t: _overlap(fixed_mask_small, moving_mask_small, fixed_small, t))
     if not deformable:
         return similarity
 
@@ -127,7 +129,9 @@ def _run(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_m
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(0.2, seed)
+    # ITK reads seed 0 as "seed from the wall clock": shift ours so --seed 0 is reproducible too. Half the
+    # voxels: with a 20 % sample some seeds left the oblique test head 25 degrees mis-tilted.
+    method.SetMetricSamplingPercentage(0.5, seed + 1)
     method.SetMetricFixedMask(fixed_mask)
     method.SetMetricMovingMask(moving_mask)
     method.SetInterpolator(sitk.sitkLinear)
@@ -142,6 +146,15 @@ def _run(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_m
     if isinstance(result, sitk.CompositeTransform) and result.GetNumberOfTransforms() == 1:
         result = result.GetNthTransform(0)
     return result.Downcast(), method.GetMetricValue()
+
+
+def _overlap(fixed_mask: sitk.Image, moving_mask: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> float:
+    """Dice of the fixed mask and the moving mask carried onto ``grid`` by ``transform``."""
+    moved = sitk.GetArrayViewFromImage(sitk.Resample(moving_mask, grid, transform, sitk.sitkNearestNeighbor, 0,
+                                                     sitk.sitkUInt8)) > 0
+    fixed = sitk.GetArrayViewFromImage(sitk.Resample(fixed_mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor,
+                                                     0, sitk.sitkUInt8)) > 0
+    return 2.0 * float((moved & fixed).sum()) / max(1, int(moved.sum() + fixed.sum()))
 
 
 def _distance(mask: sitk.Image) -> sitk.Image:
