@@ -31,7 +31,8 @@ from .privacy import probabilistic_binary_pool
 MIN_SIZE = 4
 SIZES = (64, 128, 256)
 CONDITION_CHANNELS = 3
-MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+# Inside the package, so that a plain wheel and the Slicer module both carry the weights.
+MODELS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = MODELS_DIR / "cdeidgan64.safetensors"
 
 # Channels per scale, keyed by the scale's edge in voxels. Wide where volumes are tiny, narrow where they are
