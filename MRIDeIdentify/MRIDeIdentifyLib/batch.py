@@ -84,7 +84,7 @@ def write_dataset_description(output: Path) -> None:
 
 def run_batch(args: argparse.Namespace) -> int:
     """The ``batch`` command. Exit 0 when every scan succeeded or was already done."""
-    from .cli import DicomRun, run_one
+    from .cli import DicomRun, check_method, run_one
 
     root, output = args.input, args.output
     scans, bids = find_scans(root)
@@ -98,6 +98,8 @@ def run_batch(args: argparse.Namespace) -> int:
         raise InputError(f"{root}: no scans found (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM folders)")
     if output.resolve() == root.resolve() or root.resolve() in output.resolve().parents:
         raise InputError(f"{output}: the output folder may not be the input folder or inside it")
+    # A bad method or model would fail every scan alike: say so once, before writing anything.
+    check_method(args)
     if bids:
         write_dataset_description(output)
     dicom_run = DicomRun(args.shift_dates) if any(scan.is_dir() for scan in scans) else None

@@ -96,6 +96,13 @@ def options_from(args: argparse.Namespace) -> dict:
     return options
 
 
+def check_method(args: argparse.Namespace) -> None:
+    """Fail at once on an unusable method or model (InputError), before any scan is read."""
+    from .devices import resolve_device
+    from .methods import get_method
+    get_method(args.method).check(options_from(args), resolve_device(args.device))
+
+
 def progress_printer(label: str = "") -> Callable[[str, float], None]:
     """Progress on stderr: one line per stage start (a bar is drawn by ``batch`` over scans)."""
     def report(stage: str, fraction: float) -> None:
@@ -133,6 +140,7 @@ def run_one(input_path: Path, output: Path, args: argparse.Namespace, *, quiet: 
         raise InputError(f"{output}: the DICOM output folder exists and is not empty")
     if qa_dir is not None:
         from . import render  # noqa: F401  (fail before the work when the renderer cannot load)
+    check_method(args)
 
     volume = read_volume(input_path, getattr(args, "series", None))
     if out_format == "dicom" and volume.format != "dicom":

@@ -55,6 +55,7 @@ def deidentify(image: sitk.Image, method: Optional[str] = None, *, brain_mask: O
         raise InputError(f"the brain margin must be a non-negative number of mm, not {margin_mm}")
     image = check_volume(image)
     torch_device = resolve_device(device)
+    chosen.check(dict(options or {}), torch_device)
     ctx = MethodContext(image=image, array=sitk.GetArrayFromImage(image).astype(np.float32), brain=None,
                         head=None, threshold=0.0, seed=int(seed), device=torch_device,
                         options=dict(options or {}), progress=progress, cancel=cancel)

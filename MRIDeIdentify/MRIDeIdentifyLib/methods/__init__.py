@@ -81,10 +81,19 @@ class MethodContext:
 
 @dataclass(frozen=True)
 class Method:
+    """A registered method. ``prepare(options, device)``, when given, checks and loads what the method needs
+    (its model, say) before any per-scan work, so that a bad ``--model`` fails at once, not after the brain
+    mask or on every scan of a batch; it raises InputError."""
+
     name: str
     summary: str
     role: str
     run: Callable[[MethodContext], MethodOutput]
+    prepare: Optional[Callable[[Dict[str, Any], torch.device], None]] = None
+
+    def check(self, options: Dict[str, Any], device: torch.device) -> None:
+        if self.prepare is not None:
+            self.prepare(options, device)
 
 
 METHODS: Dict[str, Method] = {}
@@ -96,11 +105,12 @@ _DEFAULT_ORDER = ("remodel",)
 _MODULES = ("remodel", "reface", "deface", "quickshear", "blur", "skullstrip")
 
 
-def register(name: str, *, summary: str, role: str) -> Callable:
+def register(name: str, *, summary: str, role: str,
+             prepare: Optional[Callable[[Dict[str, Any], torch.device], None]] = None) -> Callable:
     """Decorator adding ``run(ctx) -> MethodOutput`` to the registry under ``name``."""
 
     def decorate(run: Callable[[MethodContext], MethodOutput]) -> Callable[[MethodContext], MethodOutput]:
-        METHODS[name] = Method(name, summary, role, run)
+        METHODS[name] = Method(name, summary, role, run, prepare)
         return run
 
     return decorate

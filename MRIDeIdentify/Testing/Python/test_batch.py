@@ -196,6 +196,16 @@ def test_output_inside_the_input_is_refused(tmp_path, heads, capfd):
     assert not (bids / "derivatives").exists()
 
 
+def test_a_bad_model_fails_once_before_any_scan(tmp_path, heads, capfd):
+    """A damaged --model would fail every scan alike: the batch stops at once with one line, writing nothing."""
+    bids = make_bids(tmp_path / "bids", heads)
+    (tmp_path / "g.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + bytes(64))
+    (tmp_path / "g.json").write_text('{"sha256": "%s", "config": {"size": 64}}' % ("0" * 64))
+    code, lines = batch(capfd, str(bids), str(tmp_path / "out"), "--model", str(tmp_path / "g.safetensors"))
+    assert code == 2 and len(lines) == 1 and "sha256" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
 def test_plain_folder_with_a_dicom_series(tmp_path, heads, mask, capfd):
     if not DICOM_DIR.is_dir():
         pytest.skip(SKIP_REASON)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from MRIDeIdentifyLib.errors import InputError
 from MRIDeIdentifyLib.methods import default_method, method_names
 from MRIDeIdentifyLib.model import DEFAULT_WEIGHTS, file_sha256
 from MRIDeIdentifyLib.pipeline import deidentify
@@ -69,3 +70,12 @@ def test_model_option_and_provenance(image, first):
     assert sha in text
     explicit = _again(image, first, seed=0, options={"model": str(DEFAULT_WEIGHTS)})
     assert np.array_equal(sitk.GetArrayFromImage(explicit.image), sitk.GetArrayFromImage(first.image))
+
+
+def test_a_missing_model_fails_before_the_brain_mask(image, tmp_path):
+    """The model is checked first: a user must not wait for the brain extractor to learn the path is wrong."""
+    stages = []
+    with pytest.raises(InputError, match="not found"):
+        deidentify(image, "remodel", device="cpu", options={"model": str(tmp_path / "missing.safetensors")},
+                   progress=lambda stage, fraction: stages.append(stage))
+    assert stages == []
