@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from tqdm import tqdm
 
@@ -28,23 +29,69 @@ def is_bids(root: Path) -> bool:
         or any(root.glob("sub-*/ses-*/anat"))
 
 
-def find_scans(root: Path) -> Tuple[List[Path], bool]:
-    """The scans under ``root`` in a stable order, and whether ``root`` is a BIDS dataset."""
+@dataclass(frozen=True)
+class Scan:
+    """One scan of a batch: an image file, or one series of a DICOM folder (``series``: its SeriesInstanceUID,
+    None when the folder holds a single series)."""
+
+    path: Path
+    series: Optional[str] = None
+
+    @property
+    def is_dicom(self) -> bool:
+        return self.path.is_dir()
+
+    @property
+    def name(self) -> str:
+        """The file or folder name, without image suffixes, plus the series UID where the folder holds several."""
+        name = self.path.name
+        for suffix in IMAGE_SUFFIXES:
+            if name.lower().endswith(suffix):
+                name = name[: -len(suffix)]
+                break
+        return f"{name}.{self.series}" if self.series else name
+
+    def describe(self, root: Path) -> str:
+        relative = str(self.path.relative_to(root))
+        return f"{relative} (series {self.series})" if self.series else relative
+
+
+def find_scans(root: Path) -> Tuple[List[Scan], bool]:
+    """The scans under ``root`` in a stable order, and whether ``root`` is a BIDS dataset.
+
+    A folder holding DICOM files is one scan per image series in it (its subfolders included, as the DICOM
+    reader searches them); the series are listed from their headers, largest first.
+    """
     if not root.is_dir():
         raise InputError(f"{root}: not a folder")
     if is_bids(root):
         scans = [p for pattern in ("sub-*/anat/*_T1w.*", "sub-*/ses-*/anat/*_T1w.*") for p in root.glob(pattern)
                  if p.name.lower().endswith(IMAGE_SUFFIXES)]
-        return sorted(scans), True
-    scans = []
+        return [Scan(p) for p in sorted(scans)], True
+    scans: List[Scan] = []
+    dicom_folders: List[Path] = []
     for path in sorted(root.rglob("*")):
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts) or any(f in path.parents for f in dicom_folders):
             continue
         if path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES):
-            scans.append(path)
+            scans.append(Scan(path))
         elif path.is_dir() and _holds_dicom(path):
-            scans.append(path)
+            dicom_folders.append(path)
+            scans.extend(_series_scans(path))
     return scans, False
+
+
+def _series_scans(folder: Path) -> List[Scan]:
+    from .dicom import list_series
+    try:
+        series = list_series(folder)
+    except InputError:
+        # An unreadable file: the scan is kept so that reading it reports why, like any other broken scan.
+        return [Scan(folder)]
+    if len(series) <= 1:
+        return [Scan(folder)]
+    return [Scan(folder, info.uid) for info in series]
 
 
 def _holds_dicom(folder: Path) -> bool:
@@ -88,8 +135,9 @@ def run_batch(args: argparse.Namespace) -> int:
 
     root, output = args.input, args.output
     scans, bids = find_scans(root)
-    numbers = {scan: n for n, scan in enumerate(s for s in scans if s.is_dir())}
-    targets = {scan: output / (f"dicom-series-{numbers[scan]:04d}" if scan in numbers else scan.relative_to(root))
+    # DICOM series are written to folders named by position: export folder names often carry the patient's name.
+    numbers = {scan: n for n, scan in enumerate(s for s in scans if s.is_dicom)}
+    targets = {scan: output / (f"dicom-series-{numbers[scan]:04d}" if scan in numbers else scan.path.relative_to(root))
                for scan in scans}
     if args.shard:
         index, count = parse_shard(args.shard)
@@ -102,27 +150,28 @@ def run_batch(args: argparse.Namespace) -> int:
     check_method(args)
     if bids:
         write_dataset_description(output)
-    dicom_run = DicomRun(args.shift_dates) if any(scan.is_dir() for scan in scans) else None
+    dicom_run = DicomRun(args.shift_dates) if any(scan.is_dicom for scan in scans) else None
     done = skipped = 0
-    failures: List[Tuple[Path, str]] = []
+    failures: List[Tuple[str, str]] = []
     bar = tqdm(scans, desc="de-identifying", unit="scan", file=sys.stderr, disable=None)
     for scan in bar:
-        relative = scan.relative_to(root)
+        described = scan.describe(root)
         target = targets[scan]
         if target.exists():
             skipped += 1
             continue
-        bar.set_postfix_str(str(relative))
+        bar.set_postfix_str(described)
+        relative = target.relative_to(output)
         qa = args.qa / relative.parent / relative.name.split(".")[0] if args.qa else None
         try:
-            run_one(scan, target, args, quiet=True, qa_dir=qa, dicom_run=dicom_run)
+            run_one(scan.path, target, args, quiet=True, qa_dir=qa, dicom_run=dicom_run, series=scan.series)
             done += 1
         except InputError as error:
-            failures.append((relative, str(error)))
-            tqdm.write(f"mri-deidentify: {relative}: {error}", file=sys.stderr)
+            failures.append((described, str(error)))
+            tqdm.write(f"mri-deidentify: {described}: {error}", file=sys.stderr)
         except Exception as error:  # one broken scan must not stop a night's batch
-            failures.append((relative, f"internal error: {type(error).__name__}: {error}"))
-            tqdm.write(f"mri-deidentify: {relative}: internal error: {error}", file=sys.stderr)
+            failures.append((described, f"internal error: {type(error).__name__}: {error}"))
+            tqdm.write(f"mri-deidentify: {described}: internal error: {error}", file=sys.stderr)
     bar.close()
     print(f"mri-deidentify: batch: {done} de-identified, {skipped} already done, {len(failures)} failed "
           f"(of {len(scans)} scans)", file=sys.stderr)

@@ -123,8 +123,11 @@ class DicomRun:
 
 def run_one(input_path: Path, output: Path, args: argparse.Namespace, *, quiet: bool = False,
             save_brain_mask: Optional[Path] = None, save_face_mask: Optional[Path] = None,
-            qa_dir: Optional[Path] = None, dicom_run: Optional[DicomRun] = None) -> dict:
-    """Read, de-identify and write one scan; returns its provenance. Raises InputError for unusable input."""
+            qa_dir: Optional[Path] = None, dicom_run: Optional[DicomRun] = None,
+            series: Optional[str] = None) -> dict:
+    """Read, de-identify and write one scan; returns its provenance. Raises InputError for unusable input.
+
+    ``series``: the DICOM series to read from a folder holding several (default: ``args.series``)."""
     from .pipeline import deidentify
     from .reader import format_of, read_volume
     from .writer import OutputSet, check_output_path, write_image
@@ -142,7 +145,7 @@ def run_one(input_path: Path, output: Path, args: argparse.Namespace, *, quiet: 
         from . import render  # noqa: F401  (fail before the work when the renderer cannot load)
     check_method(args)
 
-    volume = read_volume(input_path, getattr(args, "series", None))
+    volume = read_volume(input_path, series or getattr(args, "series", None))
     if out_format == "dicom" and volume.format != "dicom":
         raise InputError(f"{output}: DICOM output needs DICOM input; give an output file name such as "
                          "scan_deid.nii.gz")

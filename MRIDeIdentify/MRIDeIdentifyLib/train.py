@@ -86,18 +86,21 @@ class Head:
 
 
 def preprocess(path: Path, size: int, margin_mm: float, device: torch.device | str = "cpu",
-               brain_cache: Optional[Path] = None) -> Head:
+               brain_cache: Optional[Path] = None, series: Optional[str] = None) -> Head:
     """Read a scan and put it on its model grid exactly as the ``remodel`` method does (brain dilated by the margin).
 
     ``brain_cache``: an .npz file keeping the dilated brain mask on the scan's own grid, so that building the
-    cache for another model size does not run the brain extractor again.
+    cache for another model size does not run the brain extractor again. ``series``: the DICOM series of a
+    folder holding several.
     """
     from .brainmask import dilate_mm, extract_brain_mask
     from .headmask import head_mask, head_threshold
     from .modelgrid import ModelGrid
     from .reader import read_volume
 
-    image = read_volume(path).image
+    from .batch import Scan
+
+    image = read_volume(path, series).image
     array = sitk.GetArrayFromImage(image).astype(np.float32)
     head = head_mask(image, head_threshold(image), array=array)
     if brain_cache is not None and brain_cache.exists():
@@ -108,7 +111,7 @@ def preprocess(path: Path, size: int, margin_mm: float, device: torch.device | s
         if brain_cache is not None:
             np.savez_compressed(brain_cache, bits=np.packbits(brain))
     grid = ModelGrid.around(image, head, brain, size=size, array=array)
-    return Head(_scan_name(path), grid.to_model(image), grid.mask_to_model(brain, image))
+    return Head(Scan(path, series).name, grid.to_model(image), grid.mask_to_model(brain, image))
 
 
 def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Head]:
@@ -116,23 +119,23 @@ def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Hea
     from .batch import find_scans
 
     scans, _ = find_scans(Path(config.data))
-    scans = [p for p in scans if not _scan_name(p).startswith(tuple(config.exclude))]
+    scans = [s for s in scans if not s.name.startswith(tuple(config.exclude))]
     if not scans:
         raise SystemExit(f"no training scans under {config.data} (after excluding {config.exclude})")
     cache = Path(config.out) / "cache"
-    files = [cache / f"{_scan_name(p)}.s{config.size}.m{config.margin_mm:g}.npz" for p in scans]
+    files = [cache / f"{s.name}.s{config.size}.m{config.margin_mm:g}.npz" for s in scans]
     if rank == 0:
         cache.mkdir(parents=True, exist_ok=True)
-        for path, file in zip(scans, files):
+        for scan, file in zip(scans, files):
             if file.exists() or file.with_suffix(".skip").exists():
                 continue
-            print(f"preprocessing {path.name}", file=sys.stderr)
+            print(f"preprocessing {scan.name}", file=sys.stderr)
             try:
-                head = preprocess(path, config.size, config.margin_mm, device,
-                                  cache / f"{_scan_name(path)}.brain.m{config.margin_mm:g}.npz")
+                head = preprocess(scan.path, config.size, config.margin_mm, device,
+                                  cache / f"{scan.name}.brain.m{config.margin_mm:g}.npz", scan.series)
             except Exception as error:  # one unusable scan must not stop a run over a whole dataset
                 reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
-                print(f"skipping {path.name}: {reason}", file=sys.stderr)
+                print(f"skipping {scan.name}: {reason}", file=sys.stderr)
                 file.with_suffix(".skip").write_text(reason + "\n")
                 continue
             tmp = file.with_suffix(".tmp.npz")
@@ -147,14 +150,6 @@ def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Hea
         with np.load(file) as data:
             heads.append(Head(file.name.split(".s")[0], data["volume"], data["brain"]))
     return heads
-
-
-def _scan_name(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".mgz", ".mgh", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def make_batch(heads: List[Head], config: TrainConfig, model_config: ModelConfig, generator: torch.Generator,

@@ -196,6 +196,34 @@ def test_output_inside_the_input_is_refused(tmp_path, heads, capfd):
     assert not (bids / "derivatives").exists()
 
 
+def test_a_dicom_folder_holding_two_series_gives_two_outputs(tmp_path, mask, capfd):
+    """An export folder often holds several series of a patient: each is its own scan and its own output."""
+    if not DICOM_DIR.is_dir():
+        pytest.skip(SKIP_REASON)
+    from MRIDeIdentifyLib.dicom import list_series
+    source = tmp_path / "scans" / "DOE^JANE"
+    source.mkdir(parents=True)
+    for name in ("5_anat-T1w_acq-tfl.dcm", "6_anat-T1w_acq-tfl.dcm"):
+        shutil.copyfile(DICOM_DIR / "S06_xa30_enhanced_T1w" / name, source / name)
+    uids = [info.uid for info in list_series(source)]
+    assert len(uids) == 2
+    out = tmp_path / "out"
+    code, lines = batch(capfd, str(tmp_path / "scans"), str(out), "--method", "blur", "--brain-mask", str(mask))
+    assert code == 0 and summary(lines) == (2, 0, 0, 2), lines
+    assert sorted(p.name for p in out.iterdir()) == ["dicom-series-0000", "dicom-series-0000.json",
+                                                     "dicom-series-0001", "dicom-series-0001.json"]
+    written = []
+    for number, uid in enumerate(uids):
+        source_image = read_volume(source, uid).image
+        output = out / f"dicom-series-{number:04d}"
+        written.append(list_series(output)[0].uid)
+        image = read_volume(output).image
+        assert image.GetSize() == source_image.GetSize()
+        np.testing.assert_allclose(image.GetOrigin(), source_image.GetOrigin(), atol=1e-4)
+        assert not np.array_equal(sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(source_image))
+    assert len(set(written)) == 2 and not set(written) & set(uids), "new, distinct series UIDs"
+
+
 def test_a_bad_model_fails_once_before_any_scan(tmp_path, heads, capfd):
     """A damaged --model would fail every scan alike: the batch stops at once with one line, writing nothing."""
     bids = make_bids(tmp_path / "bids", heads)
