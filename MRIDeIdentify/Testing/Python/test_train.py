@@ -1,6 +1,7 @@
 """Training (train.py): one step, a short overfit on a real head, DDP equivalence, exact resume, growing, export."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,20 @@ def test_one_step_gives_finite_losses_and_changes_every_weight(size):
     for net, old in zip((g, d), before):
         for name, value in net.named_parameters():
             assert not torch.equal(value, old[name]), f"{type(net).__name__}.{name} did not change"
+
+
+def test_l1_pretraining_step_leaves_the_discriminator_alone():
+    config = train.TrainConfig(size=16, rotations=4, adversarial=False)
+    model_config, g, d = _models(16)
+    g_before = {n: p.detach().clone() for n, p in g.named_parameters()}
+    d_before = {n: p.detach().clone() for n, p in d.state_dict().items()}
+    opt_g, opt_d = train.make_optimizer(g.parameters(), config), train.make_optimizer(d.parameters(), config)
+    batch = train.make_batch([_synthetic_head(16)], config, model_config, torch.Generator().manual_seed(0), "cpu")
+    losses = train.train_step(g, d, opt_g, opt_d, batch, config.recon_weight, adversarial=False)
+    assert set(losses) == {"recon"} and np.isfinite(losses["recon"])
+    assert all(not torch.equal(value, g_before[name]) for name, value in g.named_parameters())
+    assert all(torch.equal(value, d_before[name]) for name, value in d.state_dict().items())
+    assert not opt_d.state, "no discriminator step was taken"
 
 
 def _head_error(generator: Generator, batch) -> float:
@@ -156,6 +171,41 @@ def test_main_resumes_exactly_logs_and_exports(tmp_path):
     generator, config, _ = load_generator(weights)
     assert config.size == 16
     assert torch.equal(generator.state_dict()["blocks.0.body.0.weight"], resumed["g_ema"]["blocks.0.body.0.weight"])
+
+    # A second phase (L1 pre-training) started from this run: the model card lists both phases.
+    phase2 = tmp_path / "phase2"
+    (phase2 / "cache").mkdir(parents=True)
+    for file in (run / "cache").iterdir():
+        (phase2 / "cache" / file.name).write_bytes(file.read_bytes())
+    assert train.main(common + ["--out", str(phase2), "--steps", "2", "--init-from", str(run / "checkpoint.pt"),
+                                "--no-adversarial", "--betas", "0.9", "0.99"]) == 0
+    second = train.load_checkpoint(phase2 / "checkpoint.pt")
+    assert list(second["train_config"]["betas"]) == [0.9, 0.99]
+    assert set(second["history"][-1]) == {"step", "wall_seconds", "recon"}
+    assert train.main(["--out", str(phase2), "--export", str(weights)]) == 0
+    phases = json.loads(weights.with_suffix(".json").read_text())["training"]["phases"]
+    assert [(p["steps"], p["adversarial"]) for p in phases] == [(3, True), (2, False)]
+    assert json.loads(weights.with_suffix(".json").read_text())["training"]["steps"] == 5
+
+
+def test_the_first_log_after_a_resume_averages_only_the_steps_it_saw(tmp_path):
+    """Resumed at step 1 with --log-every 2, the entry at step 2 covers step 2 alone: it must equal the
+    uninterrupted run's per-step entry (a resume is exact), not half of it."""
+    data = _dataset(tmp_path, 16)
+    common = ["--data", str(data), "--size", "16", "--threads", "1", "--rotations", "4", "--image-every", "100"]
+    every_step = tmp_path / "every"
+    assert train.main(common + ["--out", str(every_step), "--steps", "2", "--log-every", "1"]) == 0
+    paired = tmp_path / "paired"
+    (paired / "cache").mkdir(parents=True)
+    for file in (every_step / "cache").iterdir():
+        (paired / "cache" / file.name).write_bytes(file.read_bytes())
+    assert train.main(common + ["--out", str(paired), "--steps", "1", "--log-every", "2"]) == 0
+    assert train.main(common + ["--out", str(paired), "--steps", "2", "--log-every", "2", "--resume"]) == 0
+    expected = train.load_checkpoint(every_step / "checkpoint.pt")["history"][-1]
+    got = train.load_checkpoint(paired / "checkpoint.pt")["history"][-1]
+    assert got["step"] == expected["step"] == 2
+    for key in ("loss_d", "loss_g", "recon"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-6), key
 
 
 def test_grow_starts_from_the_smaller_generator_upsampled():
