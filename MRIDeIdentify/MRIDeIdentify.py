@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
@@ -83,8 +84,8 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._updatingGUIFromParameterNode = False
-        self._running = False
-        self._cancelRequested = False
+        self._job = None
+        self._pollTimer = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -134,6 +135,7 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.methodComboBox.blockSignals(wasBlocked)
 
     def cleanup(self):
+        self._abandonJob()
         self.removeObservers()
 
     def enter(self):
@@ -143,6 +145,7 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event):
+        self._abandonJob()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -224,9 +227,13 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetParameter("Facets", str(self.ui.facetsSpinBox.value))
         node.EndModify(wasModified)
 
-    def _setRunning(self, running: bool):
-        self._running = running
-        self._cancelRequested = False
+    @property
+    def _running(self) -> bool:
+        return self._job is not None
+
+    def _setRunning(self, job) -> None:
+        self._job = job
+        running = job is not None
         self.ui.applyButton.text = "Cancel" if running else "De-identify"
         for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton,
                        self.ui.advancedCollapsibleButton, self.ui.outputsCollapsibleButton):
@@ -235,15 +242,9 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self.updateGUIFromParameterNode()
 
-    def _onProgress(self, stage: str, fraction: float):
-        self.ui.progressBar.value = int(round(100 * fraction))
-        self.ui.progressBar.format = f"{stage}: %p%"
-        # The engine runs in the GUI thread: let Qt repaint and deliver a click on Cancel.
-        slicer.app.processEvents()
-
     def onApplyButton(self):
         if self._running:
-            self._cancelRequested = True
+            self._job.cancel()
             self.ui.statusLabel.text = "Cancelling after the current step..."
             return
         with slicer.util.tryWithErrorDisplay("Could not install what MRIDeIdentify needs.", waitCursor=True):
@@ -253,34 +254,63 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._populateMethods()
             self.updateGUIFromParameterNode()
 
-        from MRIDeIdentifyLib.errors import Cancelled
-
         p = self._parameterNode
-        self._setRunning(True)
-        self.ui.statusLabel.text = "Running..."
         try:
-            outcome = self.logic.process(
+            job = self.logic.startProcess(
                 p.GetNodeReference("InputVolume"), p.GetNodeReference("OutputVolume"), p.GetParameter("Method"),
                 brainMaskNode=p.GetNodeReference("BrainMask"), marginMm=float(p.GetParameter("MarginMm")),
                 seed=int(p.GetParameter("Seed")), device=p.GetParameter("Device"),
                 modelPath=p.GetParameter("ModelPath"), rotations=int(p.GetParameter("Rotations")),
                 facets=int(p.GetParameter("Facets")),
                 outputBrainMaskNode=p.GetNodeReference("OutputBrainMask"),
-                outputFaceMaskNode=p.GetNodeReference("OutputFaceMask"),
-                progress=self._onProgress, cancel=lambda: self._cancelRequested)
+                outputFaceMaskNode=p.GetNodeReference("OutputFaceMask"))
+        except Exception as error:
+            self._showFailure(error)
+            return
+        self._setRunning(job)
+        self.ui.statusLabel.text = "Running..."
+        # The engine works in a thread; the GUI thread only looks at its progress a few times a second.
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(100)
+        self._pollTimer.connect("timeout()", self._pollJob)
+        self._pollTimer.start()
+
+    def _pollJob(self):
+        job = self._job
+        if job is None:
+            return
+        self.ui.progressBar.value = int(round(100 * job.fraction))
+        self.ui.progressBar.format = f"{job.stage}: %p%"
+        if not job.done():
+            return
+        self._pollTimer.stop()
+        self._setRunning(None)
+        from MRIDeIdentifyLib.errors import Cancelled
+
+        try:
+            outcome = self.logic.finishProcess(job)
         except Cancelled:
             self.ui.statusLabel.text = "Cancelled: nothing was changed."
             return
         except Exception as error:
-            logging.exception("MRIDeIdentify failed")
-            self.ui.statusLabel.text = f"Failed: {error}"
-            slicer.util.errorDisplay(f"De-identification failed:\n{error}", detailedText=_traceback())
+            self._showFailure(error, job.traceback)
             return
-        finally:
-            self._setRunning(False)
-        p.SetNodeReferenceID("OutputVolume", outcome.outputVolumeNode.GetID())
+        self._parameterNode.SetNodeReferenceID("OutputVolume", outcome.outputVolumeNode.GetID())
         slicer.util.setSliceViewerLayers(background=outcome.outputVolumeNode, fit=True)
         self.ui.statusLabel.text = f"Done in {outcome.seconds:.1f} s on {outcome.device} ({outcome.method})."
+
+    def _showFailure(self, error: Exception, details: str = "") -> None:
+        logging.error("MRIDeIdentify failed: %s\n%s", error, details or _traceback())
+        self.ui.statusLabel.text = f"Failed: {error}"
+        slicer.util.errorDisplay(f"De-identification failed:\n{error}", detailedText=details or _traceback())
+
+    def _abandonJob(self) -> None:
+        """Stop polling and ask a running job to stop: its result is not wanted (module or scene closing)."""
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        if self._job is not None:
+            self._job.cancel()
+            self._job = None
 
     def onShowBeforeAfter(self):
         with slicer.util.tryWithErrorDisplay("Could not show the before/after renderings.", waitCursor=True):
@@ -297,6 +327,10 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Saved {len(paths)} renderings; summary: {paths[-1]}"
 
 
+def _nodeIDs(scene) -> List[str]:
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
 def _traceback() -> str:
     import traceback
 
@@ -306,6 +340,56 @@ def _traceback() -> str:
 #
 # MRIDeIdentifyLogic
 #
+
+
+class DeidentifyJob:
+    """The engine's work for one de-identification, run in a worker thread so that the application stays
+    responsive (the Widget polls it); :meth:`run` does the same work in the calling thread.
+
+    Only the engine runs in the thread: the input node is converted before and the output nodes are filled
+    after, in the main thread, because MRML and Qt are not thread-safe. ``stage``/``fraction`` are the last
+    progress report; :meth:`cancel` stops the engine at its next stage boundary.
+    """
+
+    def __init__(self, work: Callable, finish: Callable, progress: Optional[Callable[[str, float], None]] = None,
+                 cancel: Optional[Callable[[], bool]] = None):
+        self._work, self.finish, self._progress, self._cancel = work, finish, progress, cancel
+        self._cancelled = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.stage, self.fraction = "starting", 0.0
+        self.result, self.error, self.traceback = None, None, ""
+        self.worker: Optional[int] = None   # ident of the thread that ran the engine
+
+    def _report(self, stage: str, fraction: float) -> None:
+        self.stage, self.fraction = stage, fraction
+        if self._progress is not None:
+            self._progress(stage, fraction)
+
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set() or (self._cancel is not None and bool(self._cancel()))
+
+    def run(self) -> None:
+        self.worker = threading.get_ident()
+        try:
+            self.result = self._work(self._report, self.cancelled)
+        except BaseException as error:  # handed to finishProcess, which raises it in the main thread
+            self.error, self.traceback = error, _traceback()
+
+    def start(self) -> "DeidentifyJob":
+        self._thread = threading.Thread(target=self.run, name="MRIDeIdentify", daemon=True)
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.done()
 
 
 class ProcessOutcome(NamedTuple):
@@ -449,6 +533,7 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
                              "transforms: harden the transforms first.")
         if brainMaskNode.IsA("vtkMRMLSegmentationNode"):
             scene = inputVolumeNode.GetScene()
+            before = set(_nodeIDs(scene))
             labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__MRIDeIdentify_brain_mask__")
             try:
                 if not slicer.vtkSlicerSegmentationsModuleLogic.ExportVisibleSegmentsToLabelmapNode(
@@ -456,7 +541,11 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
                     raise ValueError(f"The segmentation '{brainMaskNode.GetName()}' could not be exported as a mask.")
                 return self.volumeNodeToImage(labelmap)
             finally:
-                scene.RemoveNode(labelmap)
+                # The export also adds a display node and a colour table: remove everything it added.
+                for nodeID in set(_nodeIDs(scene)) - before:
+                    node = scene.GetNodeByID(nodeID)
+                    if node is not None:
+                        scene.RemoveNode(node)
         if brainMaskNode.IsA("vtkMRMLVolumeNode"):
             return self.volumeNodeToImage(brainMaskNode)
         raise ValueError(f"'{brainMaskNode.GetName()}' is neither a segmentation nor a labelmap volume.")
@@ -499,7 +588,36 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
         segmentation nodes receive the region copied exactly and the region remodeled.
         Raises ValueError / MRIDeIdentifyLib.errors.InputError for unusable inputs (the message says what to do)
         and MRIDeIdentifyLib.errors.Cancelled when ``cancel()`` returns True; the output node is then unchanged.
+        Runs in the calling thread; :meth:`startProcess` runs the engine in a worker thread instead.
         """
+        job = self._prepareJob(inputVolumeNode, outputVolumeNode, method, brainMaskNode=brainMaskNode,
+                               marginMm=marginMm, seed=seed, device=device, modelPath=modelPath,
+                               rotations=rotations, facets=facets, outputBrainMaskNode=outputBrainMaskNode,
+                               outputFaceMaskNode=outputFaceMaskNode, progress=progress, cancel=cancel)
+        job.run()
+        return self.finishProcess(job)
+
+    def startProcess(self, inputVolumeNode, outputVolumeNode=None, method: Optional[str] = None,
+                     **options) -> DeidentifyJob:
+        """:meth:`process` with the engine in a worker thread: returns the started job at once (input errors
+        are raised here). Poll ``job.done()``, then call :meth:`finishProcess` from the main thread."""
+        return self._prepareJob(inputVolumeNode, outputVolumeNode, method, **options).start()
+
+    def finishProcess(self, job: DeidentifyJob) -> ProcessOutcome:
+        """Fill the output nodes from a finished job (main thread only); re-raises the job's error or Cancelled."""
+        if not job.done():
+            raise RuntimeError("The de-identification is still running.")
+        if job.error is not None:
+            raise job.error
+        return job.finish(job.result)
+
+    def _prepareJob(self, inputVolumeNode, outputVolumeNode=None, method: Optional[str] = None, *,
+                    brainMaskNode=None, marginMm: float = DEFAULT_MARGIN_MM, seed: int = 0, device: str = "auto",
+                    modelPath: str = "", rotations: int = DEFAULT_ROTATIONS, facets: int = DEFAULT_FACETS,
+                    outputBrainMaskNode=None, outputFaceMaskNode=None,
+                    progress: Optional[Callable[[str, float], None]] = None,
+                    cancel: Optional[Callable[[], bool]] = None) -> DeidentifyJob:
+        """Check the inputs and read the nodes (main thread); the job's work touches no node."""
         if inputVolumeNode is None:
             raise ValueError("Select an input volume.")
         if not inputVolumeNode.IsA("vtkMRMLScalarVolumeNode") or inputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -508,19 +626,31 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
             raise ValueError(f"'{inputVolumeNode.GetName()}' has no voxels.")
         if outputVolumeNode is not None and outputVolumeNode is inputVolumeNode:
             raise ValueError("Choose an output volume other than the input: the input is never overwritten.")
+        from MRIDeIdentifyLib.methods import get_method
         from MRIDeIdentifyLib.pipeline import deidentify
 
+        get_method(method or None)  # an unknown or uninstalled method fails at the click, not in the thread
         start = time.perf_counter()
         image = self.volumeNodeToImage(inputVolumeNode)
+        brainMask = self._brainMaskImage(brainMaskNode, inputVolumeNode)
         options = {"rotations": int(rotations), "facets": int(facets)}
         if modelPath:
             options["model"] = modelPath
-        result = deidentify(image, method, brain_mask=self._brainMaskImage(brainMaskNode, inputVolumeNode),
-                            margin_mm=float(marginMm), seed=int(seed), device=device, options=options,
-                            progress=progress, cancel=cancel)
+
+        def work(report, cancelled):
+            return deidentify(image, method, brain_mask=brainMask, margin_mm=float(marginMm), seed=int(seed),
+                              device=device, options=options, progress=report, cancel=cancelled)
+
+        def finish(result) -> ProcessOutcome:
+            return self._fillOutputs(result, image, inputVolumeNode, outputVolumeNode, method, start,
+                                     outputBrainMaskNode, outputFaceMaskNode)
+
+        return DeidentifyJob(work, finish, progress, cancel)
+
+    def _fillOutputs(self, result, image, inputVolumeNode, outputVolumeNode, method, start,
+                     outputBrainMaskNode, outputFaceMaskNode) -> ProcessOutcome:
         if result.image.GetSize() != image.GetSize():
             raise RuntimeError("The engine returned an image on another grid; the output was not written.")
-
         scene = inputVolumeNode.GetScene()
         if outputVolumeNode is None:
             outputVolumeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", self.outputName(inputVolumeNode))

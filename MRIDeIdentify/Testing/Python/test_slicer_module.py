@@ -235,6 +235,43 @@ def test_cancel_raises_and_adds_nothing(processed, headless, logic):
     assert headless.scene.GetNumberOfNodes() == count
 
 
+def test_started_job_runs_the_engine_in_a_worker_thread_and_matches_process(processed, headless, logic):
+    """The panel's path: the engine in a thread, the nodes filled in the main thread, the same result."""
+    import threading
+
+    inputNode, brain = processed["input"], processed["brain"]
+    common = dict(brainMaskNode=brain, marginMm=0.0, device="cpu", seed=3)
+    job = logic.startProcess(inputNode, None, "blur", **common)
+    assert job.wait(timeout=300)
+    assert job.worker is not None and job.worker != threading.get_ident()
+    assert job.stage == "composite" and job.fraction == 1.0
+    threaded = logic.finishProcess(job)
+    direct = logic.process(inputNode, None, "blur", **common)
+    assert threaded.method == direct.method == "blur"
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(threaded.outputVolumeNode),
+                                  slicer.util.arrayFromVolume(direct.outputVolumeNode))
+    for outcome in (threaded, direct):
+        headless.scene.RemoveNode(outcome.outputVolumeNode)
+
+
+def test_cancelling_a_started_job_adds_nothing(processed, headless, logic):
+    import threading
+
+    from MRIDeIdentifyLib.errors import Cancelled
+
+    count = headless.scene.GetNumberOfNodes()
+    gate = threading.Event()
+    # The first progress report holds the worker until the test has asked to cancel: no race with a fast run.
+    job = logic.startProcess(processed["input"], None, "blur", brainMaskNode=processed["brain"], device="cpu",
+                             progress=lambda stage, fraction: gate.wait(timeout=60))
+    job.cancel()
+    gate.set()
+    assert job.wait(timeout=300)
+    with pytest.raises(Cancelled):
+        logic.finishProcess(job)
+    assert headless.scene.GetNumberOfNodes() == count
+
+
 def test_unusable_inputs_give_clear_errors(processed, headless, logic):
     from MRIDeIdentifyLib.errors import InputError
 
@@ -249,6 +286,8 @@ def test_unusable_inputs_give_clear_errors(processed, headless, logic):
         logic.process(labelmap, None, "blur")
     with pytest.raises(InputError, match="unknown method 'nonsense'.*blur"):
         logic.process(inputNode, None, "nonsense")
+    with pytest.raises(InputError, match="unknown method 'nonsense'"):
+        logic.startProcess(inputNode, None, "nonsense")     # at the click, before any thread
     model = headless.scene.AddNewNodeByClass("vtkMRMLModelNode", "surface")
     with pytest.raises(ValueError, match="neither a segmentation nor a labelmap"):
         logic.process(inputNode, None, "blur", brainMaskNode=model)
