@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,26 @@ def test_main_resumes_exactly_logs_and_exports(tmp_path):
     phases = json.loads(weights.with_suffix(".json").read_text())["training"]["phases"]
     assert [(p["steps"], p["adversarial"]) for p in phases] == [(3, True), (2, False)]
     assert json.loads(weights.with_suffix(".json").read_text())["training"]["steps"] == 5
+
+
+def test_main_runs_under_torchrun_with_two_gloo_processes(tmp_path):
+    """What a cluster user runs, on CPU: torchrun sets RANK/WORLD_SIZE, main() joins the gloo group, both ranks
+    pass the cache barrier and stop at the same step, and rank 0 writes the checkpoint."""
+    import subprocess
+    import sys
+
+    data = _dataset(tmp_path, 16)
+    run = tmp_path / "run"      # holds the cache made by _dataset: no brain extractor on the phantoms
+    torchrun = Path(sys.executable).parent / "torchrun"
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "MRIDeIdentifyLib.train",
+                           "--data", str(data), "--out", str(run), "--size", "16", "--steps", "3", "--threads", "1",
+                           "--rotations", "4", "--log-every", "1", "--image-every", "100", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = train.load_checkpoint(run / "checkpoint.pt")
+    assert state["step"] == 3 and [h["step"] for h in state["history"]] == [1, 2, 3]
+    assert state["hardware"].startswith("2 x CPU")
+    assert all(np.isfinite(v) for h in state["history"] for k, v in h.items() if k != "step")
 
 
 def test_the_first_log_after_a_resume_averages_only_the_steps_it_saw(tmp_path):
