@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .errors import InputError
+from .headmask import fill_holes
 
 # deepbet's networks see the brain's bounding box resized to this cube, its coarse localiser the whole head.
 _DEEPBET_SHAPE = (256, 256, 256)
@@ -132,7 +133,7 @@ def _largest_filled(mask: np.ndarray) -> np.ndarray:
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         mask = labels == int(sizes.argmax())
-    return ndimage.binary_fill_holes(mask)
+    return fill_holes(mask)
 
 
 def load_user_mask(mask_image: sitk.Image, reference: sitk.Image, head: np.ndarray | None = None) -> np.ndarray:
