@@ -135,7 +135,7 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.methodComboBox.blockSignals(wasBlocked)
 
     def cleanup(self):
-        self._abandonJob()
+        self._abandonJob(resetPanel=False)
         self.removeObservers()
 
     def enter(self):
@@ -304,12 +304,15 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = f"Failed: {error}"
         slicer.util.errorDisplay(f"De-identification failed:\n{error}", detailedText=details or _traceback())
 
-    def _abandonJob(self) -> None:
+    def _abandonJob(self, resetPanel: bool = True) -> None:
         """Stop polling and ask a running job to stop: its result is not wanted (module or scene closing)."""
         if self._pollTimer is not None:
             self._pollTimer.stop()
         if self._job is not None:
             self._job.cancel()
+            if resetPanel:
+                self._setRunning(None)
+                self.ui.statusLabel.text = "Cancelled: the scene was closed."
             self._job = None
 
     def onShowBeforeAfter(self):
