@@ -57,6 +57,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -175,6 +176,10 @@ def read_series(folder: Path, series_uid: Optional[str] = None) -> Tuple[sitk.Im
 
 
 def _scan(folder: Path) -> Dict[str, List[Tuple[Path, Dataset]]]:
+    """The image series under ``folder``: files grouped by SeriesInstanceUID. Files that are not DICOM, and
+    series without pixel data (structured reports, presentation states), are passed over: exports put
+    viewers, indexes and notes beside the images. A file that starts as DICOM but cannot be parsed is an
+    error."""
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
     paths = sorted(p for p in folder.rglob("*")
@@ -183,14 +188,35 @@ def _scan(folder: Path) -> Dict[str, List[Tuple[Path, Dataset]]]:
         raise InputError(f"{folder.name}: the folder holds no files")
     groups: Dict[str, List[Tuple[Path, Dataset]]] = {}
     for path in paths:
-        try:
-            ds = pydicom.dcmread(str(path), defer_size=_DEFER_SIZE)
-            uid = str(ds.SeriesInstanceUID)
-        except Exception as error:  # pydicom raises many types for damaged or foreign files
-            raise InputError(f"{path.name}: not a readable DICOM file ({type(error).__name__}: "
-                             f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
-        groups.setdefault(uid, []).append((path, ds))
+        ds = _read_header(path)
+        if ds is None:
+            continue
+        if "SeriesInstanceUID" not in ds:  # type 1 in every IOD: the header is cut short or damaged
+            raise InputError(f"{path.name}: not a readable DICOM file (no SeriesInstanceUID: truncated or damaged)")
+        groups.setdefault(str(ds.SeriesInstanceUID), []).append((path, ds))
+    # A series with no pixel data at all is not an image; a slice missing its pixels in an image series is
+    # damage, reported when the series is read.
+    groups = {uid: entries for uid, entries in groups.items() if any("PixelData" in ds for _, ds in entries)}
+    if not groups:
+        raise InputError(f"{folder.name}: no DICOM image files among its {len(paths)} files")
     return groups
+
+
+def _read_header(path: Path) -> Optional[Dataset]:
+    """The file's DICOM dataset (large values deferred), or None for a file that is not DICOM."""
+    try:
+        return pydicom.dcmread(str(path), defer_size=_DEFER_SIZE)
+    except InvalidDicomError:
+        pass  # no 'DICM' preamble: not DICOM, or DICOM written without one (older exports)
+    except Exception as error:  # pydicom raises many types for damaged files
+        raise InputError(f"{path.name}: not a readable DICOM file ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+    try:
+        ds = pydicom.dcmread(str(path), defer_size=_DEFER_SIZE, force=True)
+        # A forced read of a text or binary file yields a dataset of nonsense: real ones name their class.
+        return ds if "SOPClassUID" in ds else None
+    except Exception:
+        return None
 
 
 def _frames(ds: Dataset) -> int:

@@ -393,7 +393,7 @@ def _malformed(kind: str, folder: Path) -> None:
 
 
 @needs_data
-@pytest.mark.parametrize("kind", ["empty", "non-dicom", "truncated", "truncated-header", "no-pixel-data"])
+@pytest.mark.parametrize("kind", ["empty", "truncated", "truncated-header", "no-pixel-data"])
 def test_malformed_folder_is_an_input_error(kind, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -401,6 +401,26 @@ def test_malformed_folder_is_an_input_error(kind, tmp_path):
     with pytest.raises(InputError) as caught:
         dicom.read_series(folder)
     assert "\n" not in str(caught.value)
+
+
+@needs_data
+def test_files_beside_the_series_that_are_not_images_are_passed_over(tmp_path):
+    """An export holds more than the images: a note, a viewer, a structured report. The series reads the same."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _malformed("non-dicom", folder)
+    clean = tmp_path / "clean"
+    shutil.copytree(folder, clean, ignore=shutil.ignore_patterns("*.txt"))
+    report = pydicom.dcmread(str(next(p for p in folder.iterdir() if p.suffix != ".txt")))
+    del report.PixelData
+    report.SeriesInstanceUID = report.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    report.save_as(str(folder / "report"))
+    (folder / "viewer.exe").write_bytes(bytes(range(256)) * 40)
+    image, source = dicom.read_series(folder)
+    expected, _ = dicom.read_series(clean)
+    assert image.GetSize() == expected.GetSize() and len(source.datasets) == 3
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(expected))
+    assert [info.uid for info in dicom.list_series(folder)] == [source.series_uid]
 
 
 @needs_data
