@@ -5,6 +5,7 @@ Each case runs in a fresh process (``--threads`` torch threads) so peak RSS is t
 
 - train: one full GAN step as train.train_step takes it (G forward, D on real+fake, D backward, D forward
   on real+fake, G backward, two AdamP updates), batch 1.
+- pretrain: one L1 pre-training step (``--no-adversarial``: G forward, G backward, one update), batch 1.
 - infer: generator forward under no_grad, batch 1 (what the ``remodel`` method runs).
 
     .venv/bin/python benchmarks/bench_model.py                 # 64³/128³ train, 128³/256³ inference, both blocks
@@ -24,6 +25,7 @@ from typing import List
 import torch
 
 CASES = [("train", 64, "dense"), ("train", 64, "mbconv"), ("train", 128, "dense"), ("train", 128, "mbconv"),
+         ("pretrain", 64, "dense"), ("pretrain", 128, "dense"),
          ("infer", 128, "dense"), ("infer", 128, "mbconv"), ("infer", 256, "dense"), ("infer", 256, "mbconv")]
 # Measured once: the MobileNet-v2 generator needs ~2.8 GB for a 128³ forward pass and 8x that at 256³, more than
 # a 2-core / 23 GB development machine can give beside other work.
@@ -46,7 +48,7 @@ def run_case(kind: str, size: int, block: str, repeats: int, device: str) -> dic
     z = noise(1, rng, device)
     generator = Generator(config).to(device)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else None)
-    if kind == "train":
+    if kind in ("train", "pretrain"):
         discriminator = Discriminator(config).to(device)
         settings = train.TrainConfig(size=size, block=block)
         opt_g = train.make_optimizer(generator.parameters(), settings)
@@ -57,7 +59,8 @@ def run_case(kind: str, size: int, block: str, repeats: int, device: str) -> dic
 
         def once():
             kwargs = {"autocast": autocast} if autocast else {}
-            train.train_step(generator, discriminator, opt_g, opt_d, batch, settings.recon_weight, **kwargs)
+            train.train_step(generator, discriminator, opt_g, opt_d, batch, settings.recon_weight,
+                             adversarial=kind == "train", **kwargs)
     else:
         generator.eval()
 
