@@ -17,9 +17,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .errors import InputError
-from .reader import DICOM_SUFFIXES, ITK_SUFFIXES, MGH_SUFFIXES
-
-IMAGE_SUFFIXES = ITK_SUFFIXES + MGH_SUFFIXES
+from .reader import DICOM_SUFFIXES, IMAGE_SUFFIXES, image_stem
 # The detached-header formats list their header file only; the data file is found through it.
 _DATA_FILES = (".raw", ".zraw", ".img")
 
@@ -44,11 +42,7 @@ class Scan:
     @property
     def name(self) -> str:
         """The file or folder name, without image suffixes, plus the series UID where the folder holds several."""
-        name = self.path.name
-        for suffix in IMAGE_SUFFIXES:
-            if name.lower().endswith(suffix):
-                name = name[: -len(suffix)]
-                break
+        name = image_stem(self.path)
         return f"{name}.{self.series}" if self.series else name
 
     def describe(self, root: Path) -> str:
@@ -162,7 +156,7 @@ def run_batch(args: argparse.Namespace) -> int:
             continue
         bar.set_postfix_str(described)
         relative = target.relative_to(output)
-        qa = args.qa / relative.parent / relative.name.split(".")[0] if args.qa else None
+        qa = args.qa / relative.parent / image_stem(relative) if args.qa else None
         try:
             run_one(scan.path, target, args, quiet=True, qa_dir=qa, dicom_run=dicom_run, series=scan.series)
             done += 1

@@ -182,7 +182,8 @@ def run_one(input_path: Path, output: Path, args: argparse.Namespace, *, quiet: 
 
 
 def _has_image_suffix(path: Path) -> bool:
-    return path.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh"))
+    from .reader import IMAGE_SUFFIXES
+    return path.name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

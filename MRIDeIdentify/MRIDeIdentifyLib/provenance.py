@@ -51,11 +51,8 @@ def record(*, method: str, seed: int, margin_mm: float, device: str, brain_mask_
 
 def sidecar_path(output: Path) -> Path:
     """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w.json`` (BIDS style); a DICOM folder gets ``<folder>.json`` beside it."""
-    name = output.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh"):
-        if name.lower().endswith(suffix):
-            return output.with_name(name[: -len(suffix)] + ".json")
-    return output.with_name(name + ".json")
+    from .reader import image_stem
+    return output.with_name(image_stem(output) + ".json")
 
 
 def to_json(provenance: Dict[str, Any]) -> str:

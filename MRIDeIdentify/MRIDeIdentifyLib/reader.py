@@ -22,6 +22,16 @@ from .errors import InputError
 ITK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MGH_SUFFIXES = (".mgz", ".mgh")
 DICOM_SUFFIXES = (".dcm", ".ima")
+IMAGE_SUFFIXES = ITK_SUFFIXES + MGH_SUFFIXES
+
+
+def image_stem(path: Path) -> str:
+    """The file name without its image suffix (``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``); other names as they are."""
+    name = path.name
+    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 # Fewer voxels than this along an axis is a slice or a line, not a head volume.
 MIN_VOXELS_PER_AXIS = 4
 

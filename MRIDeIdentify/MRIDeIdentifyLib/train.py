@@ -98,12 +98,11 @@ def preprocess(path: Path, size: int, margin_mm: float, device: torch.device | s
     cache for another model size does not run the brain extractor again. ``series``: the DICOM series of a
     folder holding several.
     """
+    from .batch import Scan
     from .brainmask import dilate_mm, extract_brain_mask
     from .headmask import head_mask, head_threshold
     from .modelgrid import ModelGrid
     from .reader import read_volume
-
-    from .batch import Scan
 
     image = read_volume(path, series).image
     array = sitk.GetArrayFromImage(image).astype(np.float32)
