@@ -144,7 +144,9 @@ def _installTorch(torchInstaller: Optional[Callable[[str], object]]) -> None:
         def torchInstaller(requirement):
             return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
                                                                  torchVersionRequirement=requirement)
-    if torchInstaller(requirement) is None or not torchReady():
+    installed = torchInstaller(requirement)
+    importlib.invalidate_caches()  # the import system caches folder listings: a package just installed is new there
+    if installed is None or not torchReady():
         raise RuntimeError("PyTorch was not installed. Open the 'PyTorch Utils' module (Utilities), install "
                            f"PyTorch {requirement} there, then click De-identify again.")
     if oldTorch is not None and versionTuple(str(oldTorch.__version__)) < versionTuple(MINIMUM_TORCH_VERSION):

@@ -206,6 +206,17 @@ def test_extension_metadata_is_complete():
     assert (REPO / "LICENSE").is_file()
 
 
+def test_the_panel_screenshot_is_what_the_index_and_the_readme_show():
+    """docs/panel.png is the first screenshot URL (the Extensions Index reads it from the CMakeLists.txt of the
+    repository its JSON entry points at: the catalog schema has no screenshot field) and the README shows it."""
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    urls = _cmake_value(cmake, "EXTENSION_SCREENSHOTURLS").split()
+    assert urls[0].endswith("/main/docs/panel.png") and (REPO / "docs" / "panel.png").is_file()
+    entry = json.loads(INDEX_ENTRY.read_text())
+    assert entry["scm_url"].removesuffix(".git").split("github.com/")[1] in urls[0]
+    assert "](docs/panel.png)" in (REPO / "README.md").read_text()
+
+
 def test_extensions_index_entry_follows_the_catalog_schema():
     entry = json.loads(INDEX_ENTRY.read_text())
     cmake = (REPO / "CMakeLists.txt").read_text()
