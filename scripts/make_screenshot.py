@@ -138,10 +138,10 @@ def draw_icon(path: Path = ICON, size: int = 128) -> Path:
 
 
 def draw_panel(path: Path = PANEL, head: Path = AVERAGE_HEAD, out_dir: Path = REPO / "out" / "slicer-panel",
-               view_size: int = 330) -> Path:
+               view_size: int = 480) -> Path:
     """The module as a user sees it after a run: the panel (the .ui laid out by Qt, its lists filled as the Widget's
-    setup() fills them, the selectors and the status line as they are after the run) beside the dual 3-D layout
-    rendered through Slicer's displayable managers."""
+    setup() fills them, the selectors and the status line as they are after the run, every section expanded) beside
+    the dual 3-D layout rendered through Slicer's displayable managers."""
     from PIL import Image
     from PySide6.QtWidgets import QComboBox, QLabel, QPushButton, QWidget
 
@@ -162,11 +162,12 @@ def draw_panel(path: Path = PANEL, head: Path = AVERAGE_HEAD, out_dir: Path = RE
         combobox = panel.findChild(QComboBox, selector)
         combobox.clear()
         combobox.addItem(name)
+    panel.findChild(QWidget, "advancedCollapsibleButton").setProperty("collapsed", False)
     panel.findChild(QWidget, "progressBar").hide()
     for button in ("applyButton", "showBeforeAfterButton", "saveQARendersButton"):
         panel.findChild(QPushButton, button).setEnabled(True)
     panel.findChild(QLabel, "statusLabel").setText(state["status"])
-    panel.resize(400, 2 * view_size)
+    panel.resize(400, 660)
     panel.show()
     app.processEvents()
     panel_png = out_dir / "panel_only.png"

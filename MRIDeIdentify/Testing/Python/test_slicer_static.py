@@ -357,7 +357,7 @@ def _reached_from_the_logic() -> list[Path]:
 
 def test_engine_dependencies_are_slicer_bundled_or_installed_by_the_module():
     """Everything the engine code the Logic runs imports (or finds by name) must exist in Slicer's Python once the
-    module has run its installer: Slicer's own packages, torch (PyTorchUtils) or one of PIP_REQUIREMENTS."""
+    module has run its installer: Slicer's own packages, torch (PyTorchUtils) or one of dependencies.REQUIREMENTS."""
     tree = ast.parse((SLICER_PACKAGE_DIR / "dependencies.py").read_text())
     requirements = next(node.value for node in tree.body if isinstance(node, ast.AnnAssign)
                         and getattr(node.target, "id", "") == "REQUIREMENTS")
