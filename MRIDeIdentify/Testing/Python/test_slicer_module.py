@@ -367,6 +367,27 @@ def test_cancel_ends_the_interpreter_a_launcher_started(processed, tmp_path):
         run.close()
 
 
+@pytest.mark.skipif(os.name == "nt", reason="the crashing interpreter STAND-IN is a POSIX shell script")
+def test_a_child_that_dies_is_reported_with_its_output(processed, tmp_path):
+    """A child that ends without a result (killed for memory, a crash) is an error naming its exit code and its
+    last output, not a hang or an empty output node. The interpreter is a STAND-IN script that dies at once."""
+    from MRIDeIdentifySlicer import nodes
+    from MRIDeIdentifySlicer.childprocess import ChildRun
+
+    crashing = tmp_path / "crashing-python"
+    crashing.write_text("#!/bin/sh\necho 'Killed: out of memory'\nexit 137\n")
+    crashing.chmod(0o755)
+    run = ChildRun.start(nodes.imageFromVolumeNode(processed["input"]), "blur",
+                         {"margin_mm": 3.0, "seed": 0, "device": "cpu", "options": {}}, python=str(crashing))
+    try:
+        assert run.wait(timeout=30)
+        with pytest.raises(RuntimeError, match=r"stopped unexpectedly \(exit code 137\)(.|\n)*out of memory"):
+            run.result()
+    finally:
+        run.close()
+    assert not run.folder.exists()
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_child_error_comes_back_in_the_panel_words(processed, logic, brain_labelmap):
     """An input error inside the child (the GPU chosen, none present) is raised by finishProcess as InputError,
