@@ -310,8 +310,9 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showFailure(self, error: Exception) -> None:
         import traceback
 
-        details = "".join(traceback.format_exception(type(error), error, error.__traceback__))
-        message = inPanelTerms(str(error)).split("\n\n")[0]
+        # A failure in the child carries the child's traceback after a blank line: details, not the message.
+        message, _, childDetails = inPanelTerms(str(error)).partition("\n\n")
+        details = childDetails + "".join(traceback.format_exception(type(error), error, error.__traceback__))
         logging.error("MRIDeIdentify failed: %s\n%s", message, details)
         self.ui.statusLabel.text = f"Failed: {message}"
         slicer.util.errorDisplay(f"De-identification failed:\n{message}", detailedText=details)
