@@ -14,17 +14,8 @@ from typing import Callable, List, Optional
 
 from . import __version__, provenance
 from .devices import DEVICE_CHOICES
-from .errors import Cancelled, InputError
+from .errors import PROG, Cancelled, InputError, OneLineParser
 from .pipeline import DEFAULT_MARGIN_MM
-
-PROG = "mri-deidentify"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line (the contract), pointing to --help for the rest."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
 
 
 def _method_names() -> List[str]:

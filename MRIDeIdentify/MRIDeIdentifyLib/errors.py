@@ -1,4 +1,8 @@
-"""Exceptions that the command line and the Slicer panel turn into messages."""
+"""The error contract: exceptions that the command line and the Slicer panel turn into messages, and the
+argument parser every subcommand uses so that bad usage reads like bad input (one line, exit 2)."""
+import argparse
+
+PROG = "mri-deidentify"
 
 
 class InputError(ValueError):
@@ -10,3 +14,10 @@ class InputError(ValueError):
 
 class Cancelled(RuntimeError):
     """The user cancelled the run (Slicer's Cancel button); nothing is written."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (the contract), pointing to --help for the rest."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")

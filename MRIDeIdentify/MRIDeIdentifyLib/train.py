@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .augment import augment
+from .errors import PROG, OneLineParser
 from .model import (Discriminator, Generator, ModelConfig, blend, discriminator_loss, gamma_pyramid,
                     generator_loss, noise, pyramid, save_generator)
 
@@ -303,7 +304,7 @@ def phase_summary(state: dict) -> dict:
 
 def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespace]:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="mri-deidentify train", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=f"{PROG} train", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=False, default="", help="folder or BIDS dataset of head scans")
     parser.add_argument("--out", default=defaults.out, help="run folder: cache, TensorBoard events, checkpoint")
     parser.add_argument("--checkpoint", default="", help="checkpoint file (default OUT/checkpoint.pt)")
@@ -323,6 +324,8 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespa
         else:
             parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
     args = parser.parse_args(argv)
+    if not args.data and not args.export:
+        parser.error("--data is required for training")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     values["exclude"] = tuple(args.exclude)
     values["betas"] = tuple(args.betas)
@@ -335,8 +338,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.export:
         print(export(checkpoint_path, Path(args.export)))
         return 0
-    if not config.data:
-        raise SystemExit("--data is required for training")
 
     # torchrun sets these; a plain run is rank 0 of 1.
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1

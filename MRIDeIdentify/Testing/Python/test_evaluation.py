@@ -185,10 +185,13 @@ def test_evaluate_small_report(shared_data, tmp_path, capsys):
 
 
 def test_evaluate_rejects_unknown_method_and_missing_folder(tmp_path, capsys):
-    from MRIDeIdentifyLib.evaluation import main
+    from MRIDeIdentifyLib.cli import main
 
-    assert main(["--data", str(tmp_path / "absent"), "--methods", "blur", "--out", str(tmp_path / "o")]) == 2
+    assert main(["evaluate", "--data", str(tmp_path / "absent"), "--methods", "blur", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("mri-deidentify: error: ")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "S01_x.nii.gz").symlink_to(tmp_path / "nowhere")  # discovered by name only
-    assert main(["--data", str(tmp_path / "d"), "--methods", "nosuchmethod", "--out", str(tmp_path / "o")]) == 2
-    assert "unknown method" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(tmp_path / "d"), "--methods", "nosuchmethod", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "mri-deidentify: error: " in capsys.readouterr().err
