@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .augment import augment
+from .devices import DEVICE_CHOICES, resolve_device
 from .errors import PROG, OneLineParser
 from .model import (Discriminator, Generator, ModelConfig, blend, discriminator_loss, gamma_pyramid,
                     generator_loss, noise, pyramid, save_generator)
@@ -322,7 +323,8 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespa
             parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
                                 default=getattr(defaults, f.name))
         else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name),
+                                choices=DEVICE_CHOICES if f.name == "device" else None)
     args = parser.parse_args(argv)
     if not args.data and not args.export:
         parser.error("--data is required for training")
@@ -343,7 +345,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    from .devices import resolve_device
     device = resolve_device(config.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..devices import DEVICE_CHOICES, DEVICE_HELP
 from ..errors import PROG, InputError, OneLineParser
 
 
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="spacing of the downstream analysis (mm, default %(default)s)")
     parser.add_argument("--render-size", type=int, default=RENDER_SIZE, help="render size in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="device for the methods and the brain masks")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                        help=f"for the methods and the brain masks; {DEVICE_HELP}")
     return parser
 
 

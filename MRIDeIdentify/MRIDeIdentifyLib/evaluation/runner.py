@@ -187,13 +187,16 @@ class Probe:
 
 def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = attacks.RENDER_SIZE,
              run_fidelity: bool = True, fidelity_spacing_mm: float = fidelity.ANALYSIS_SPACING_MM,
-             seed: int = 0, device: str = "cpu", progress: Progress = print) -> tuple[Path, bool]:
+             seed: int = 0, device: str = "auto", progress: Progress = print) -> tuple[Path, bool]:
     """Run the whole evaluation and write the report into ``out_dir``.
 
+    ``device`` is one of ``devices.DEVICE_CHOICES``, resolved here once for every child process.
     Returns the Markdown summary's path and whether the controls passed."""
+    from ..devices import resolve_device
     from ..methods import method_names
     from . import report
 
+    device = str(resolve_device(device))
     unknown = sorted(set(methods) - set(method_names()))
     if unknown:
         raise InputError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(method_names())}")

@@ -191,3 +191,24 @@ def test_fuzz_reaches_both_outcomes_and_names_the_damage(raw_head, brain_mask, t
     code, _, err = run_cli(["run", str(source), str(tmp_path / "ok.nii.gz"), "--method", "skullstrip",
                             "--brain-mask", str(brain_mask)], capfd)
     assert code == 0, err
+
+
+def test_every_subcommand_offers_the_same_devices(tmp_path, capfd):
+    from MRIDeIdentifyLib.devices import DEVICE_CHOICES
+
+    listed = ", ".join(f"'{name}'" for name in DEVICE_CHOICES)
+    for argv in (["run", "in.nii.gz", "out.nii.gz"], ["batch", "in", "out"], ["demo"], ["train", "--data", "d"],
+                 ["evaluate", "--data", "d", "--methods", "blur", "--out", "o"]):
+        code, _, err = run_cli([*argv, "--device", "tpu"], capfd)
+        assert listed in assert_one_line_refusal(code, err), argv
+
+
+def test_device_list_needs_no_torch():
+    """The Slicer panel lists the devices before torch is installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, MRIDeIdentifyLib.devices as d; assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert list(d.DEVICE_LABELS) == list(d.DEVICE_CHOICES)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
