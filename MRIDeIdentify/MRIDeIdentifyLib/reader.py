@@ -7,18 +7,17 @@ with one line saying why.
 from __future__ import annotations
 
 import os
-import re
 import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Union
+from typing import Any, Iterator, List, Optional
 
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, itk_reason, without_path
 
 ITK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MGH_SUFFIXES = (".mgz", ".mgh")
@@ -148,9 +147,9 @@ def _check_nifti(path: Path) -> None:
     except (OSError, EOFError) as error:
         what = "gzip stream" if path.name.lower().endswith(".gz") else "voxel data"
         raise InputError(f"{path.name}: damaged or truncated {what}, or a header promising more voxels than "
-                         f"the file holds ({_without_path(error, path)})") from None
+                         f"the file holds ({without_path(error, path)})") from None
     except Exception as error:  # nibabel raises ValueError/ImageFileError/... for inconsistent headers
-        raise InputError(f"{path.name}: the NIfTI header is damaged ({_without_path(error, path)})") from None
+        raise InputError(f"{path.name}: the NIfTI header is damaged ({without_path(error, path)})") from None
     if data.dtype.kind in "fc" and not np.isfinite(data).all():
         raise InputError(f"{path.name}: contains NaN or infinite voxel values")
 
@@ -227,28 +226,6 @@ def _captured_stderr() -> Iterator[List[str]]:
             os.close(saved)
             sink.seek(0)
             captured.append(sink.read())
-
-
-# ITK's messages start with where in ITK's source they were raised ("WARNING: In /build/.../x.cxx, line 12",
-# "ITK ERROR: NiftiImageIO(0x55d2...): "): the user needs only what follows.
-_ITK_SOURCE = re.compile(r"(?:ITK ERROR|WARNING|ERROR): In \S+, line \d+|\S+\.[ch]xx(?::\d+)?:?|"
-                         r"[A-Za-z]+ ?\(0x[0-9a-fA-F]+\):|ITK ERROR:|Exception thrown in SimpleITK \w+:|"
-                         r"Description:|sitk::ERROR:|\n")
-
-
-def itk_reason(error: Union[BaseException, str], path: Path) -> str:
-    """ITK's complaint about ``path`` in one line of the user's terms: no source locations, object addresses,
-    repeats, or the path itself (the message already names the file)."""
-    pieces = [piece.strip(" :") for piece in _ITK_SOURCE.split(str(error))]
-    kept = list(dict.fromkeys(piece for piece in pieces if piece))
-    return _without_path("; ".join(kept), path) or "unknown reason"
-
-
-def _without_path(error: Union[BaseException, str], path: Path) -> str:
-    text = " ".join(str(error).split())
-    for shown in (str(path.resolve()), str(path)):
-        text = text.replace(f'"{shown}"', "the file").replace(shown, "the file")
-    return text[:200].strip()
 
 
 def _read_mgh(path: Path) -> sitk.Image:

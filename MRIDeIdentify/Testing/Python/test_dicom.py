@@ -1,7 +1,7 @@
 """DICOM in and out on the shared classic (S01) and enhanced (S06, two series in one file each) inputs.
 
 Every check compares against what pydicom or SimpleITK read from the files themselves, never against
-dicom.py's own bookkeeping: geometry from Image Position/Orientation (Patient), pixels from pydicom's
+the dicom package's own bookkeeping: geometry from Image Position/Orientation (Patient), pixels from pydicom's
 pixel_array, PHI as the input's actual values searched as raw bytes in every output file.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import SimpleITK as sitk
 from conftest import DICOM_DIR, SKIP_REASON
 
 from MRIDeIdentifyLib import __version__, dicom
+from MRIDeIdentifyLib.dicom import writing
 from MRIDeIdentifyLib.errors import InputError
 
 S01 = DICOM_DIR / "S01_decubitus_HFS_T1_sag"
@@ -433,8 +434,8 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         if len(calls) == 3:
             raise OSError("disk full")
         original_save(ds, path)
-    original_save = dicom._save
-    monkeypatch.setattr(dicom, "_save", failing_save)
+    original_save = writing._save
+    monkeypatch.setattr(writing, "_save", failing_save)
     with pytest.raises(OSError):
         dicom.write_series(image, source, tmp_path / "out", method="blur", tool_version=__version__,
                            uid_map=dicom.UIDMap())
