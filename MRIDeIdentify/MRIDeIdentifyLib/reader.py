@@ -32,6 +32,16 @@ def image_stem(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def image_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """``array`` (KJI, any dtype; copied) as an image on ``reference``'s grid: its spacing (mm), origin and
+    direction (LPS). ``array.shape`` must be ``reference``'s size reversed."""
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
 # Fewer voxels than this along an axis is a slice or a line, not a head volume.
 MIN_VOXELS_PER_AXIS = 4
 

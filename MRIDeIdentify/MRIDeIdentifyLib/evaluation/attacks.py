@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,8 @@ class Region:
 FEATURES = Region("features", lateral=45.0, below=60.0, above=35.0, depth=35.0, mode="similarity")
 LARGE = Region("large", lateral=75.0, below=90.0, above=75.0, depth=90.0, mode="rigid")
 REGIONS = (FEATURES, LARGE)
+# Every attack a probe faces: the 2-D face recogniser, then the 3-D surface match in each region.
+ATTACKS = ("2d",) + tuple(region.name for region in REGIONS)
 # Probe points per region, target points per original (its region grown by TARGET_MARGIN_MM so that an
 # aligned probe always finds skin beneath it): enough for sub-millimetre RMS, fast enough for ~3000 pairs.
 PROBE_POINTS = 1500
@@ -296,3 +298,17 @@ def auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
     smaller = (genuine[:, None] < impostor[None, :]).sum()
     equal = (genuine[:, None] == impostor[None, :]).sum()
     return float((smaller + 0.5 * equal) / (len(genuine) * len(impostor)))
+
+
+@dataclass
+class Probe:
+    """One attacked head: which set it belongs to (a method or a control), its source scan, distances to the
+    gallery per attack (:data:`ATTACKS`), which gallery entries are genuine and which are in its gallery, and
+    per-scan facts."""
+
+    group: str
+    scan: str
+    distances: dict[str, np.ndarray]
+    genuine: np.ndarray
+    allowed: np.ndarray
+    facts: dict = field(default_factory=dict)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from ..reader import image_like
+
 CLASSES = ("csf", "gm", "wm")
 # The analysis runs on a copy resampled to this spacing (mm): Atropos and the affine fit need no more.
 ANALYSIS_SPACING_MM = 2.0
@@ -38,8 +40,7 @@ def _atlas(spacing_mm: float):
     from ..template import load_template
 
     template = load_template().image
-    brain = sitk.GetImageFromArray(extract_brain_mask(template, "cpu").astype(np.float32))
-    brain.CopyInformation(template)
+    brain = image_like(extract_brain_mask(template, "cpu").astype(np.float32), template)
     return _to_ants(_resample(template, spacing_mm)), _to_ants(brain)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from . import attacks
-from .runner import ATTACKS, Probe
+from .attacks import ATTACKS, Probe
 
 ATTACK_TITLES = {"2d": "2-D dlib", "features": "3-D ICP features (similarity)",
                  "large": "3-D ICP large region (rigid, head shape)"}

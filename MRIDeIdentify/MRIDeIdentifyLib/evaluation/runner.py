@@ -22,8 +22,8 @@ import SimpleITK as sitk
 
 from .. import render
 from ..errors import InputError
-from ..reader import ITK_SUFFIXES, MGH_SUFFIXES, read_volume
-from . import attacks, fidelity
+from ..reader import IMAGE_SUFFIXES, image_like, image_stem, read_volume
+from . import attacks, fidelity, report
 
 Progress = Callable[[str], None]
 
@@ -40,13 +40,11 @@ class Scan:
 
 def discover(data_dir: Path) -> list[Scan]:
     """The readable image files directly in ``data_dir`` (sorted by name), with person and template flags."""
-    suffixes = sorted(ITK_SUFFIXES + MGH_SUFFIXES, key=len, reverse=True)  # ".nii.gz" before ".nii"
     scans = []
     for path in sorted(Path(data_dir).iterdir()):
-        suffix = next((s for s in suffixes if path.name.lower().endswith(s)), None)
-        if suffix is None or path.is_dir() or path.name.startswith("."):
+        if not path.name.lower().endswith(IMAGE_SUFFIXES) or path.is_dir() or path.name.startswith("."):
             continue
-        name = path.name[: -len(suffix)]
+        name = image_stem(path)
         person = name.split("_")[0]
         scans.append(Scan(name, path, person, person.upper().startswith("T")))
     if not any(not scan.template for scan in scans):
@@ -61,8 +59,7 @@ def _brain_mask_worker(jobs: list[tuple[str, str]], device: str) -> None:
 
     for scan_path, mask_path in jobs:
         image = read_volume(Path(scan_path)).image
-        mask = sitk.GetImageFromArray(extract_brain_mask(image, device).astype(np.uint8))
-        mask.CopyInformation(image)
+        mask = image_like(extract_brain_mask(image, device).astype(np.uint8), image)
         sitk.WriteImage(mask, mask_path, True)
 
 
@@ -167,23 +164,7 @@ def distances(probe: Head, gallery: list[Head]) -> dict[str, np.ndarray]:
     return rows
 
 
-ATTACKS = ("2d",) + tuple(region.name for region in attacks.REGIONS)
-
-
 # --- the run -----------------------------------------------------------------------------------------
-
-@dataclass
-class Probe:
-    """One attacked head: which set it belongs to (a method or a control), its source scan, distances to the
-    gallery, which gallery entries are genuine and which are in its gallery, and per-scan facts."""
-
-    group: str
-    scan: str
-    distances: dict[str, np.ndarray]
-    genuine: np.ndarray
-    allowed: np.ndarray
-    facts: dict = field(default_factory=dict)
-
 
 def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = attacks.RENDER_SIZE,
              run_fidelity: bool = True, fidelity_spacing_mm: float = fidelity.ANALYSIS_SPACING_MM,
@@ -194,7 +175,6 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
     Returns the Markdown summary's path and whether the controls passed."""
     from ..devices import resolve_device
     from ..methods import method_names
-    from . import report
 
     device = str(resolve_device(device))
     unknown = sorted(set(methods) - set(method_names()))
@@ -235,23 +215,23 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
     persons = np.array([scan.person for scan in scans])
     index = {name: i for i, name in enumerate(names)}
 
-    probes: list[Probe] = []
+    probes: list[attacks.Probe] = []
     original_rows = {scan.name: distances(heads[index[scan.name]], heads) for scan in scans}
     for scan in real:
         i = index[scan.name]
         same = persons == scan.person
         own = np.arange(len(scans)) == i
-        probes.append(Probe("control: re-render", scan.name, original_rows[scan.name], own, ~same | own,
+        probes.append(attacks.Probe("control: re-render", scan.name, original_rows[scan.name], own, ~same | own,
                             {"detected": heads[i].probe.score > attacks.DETECT_SCORE}))
         if same.sum() > 1:
-            probes.append(Probe("control: same person", scan.name, original_rows[scan.name], same & ~own, ~own))
+            probes.append(attacks.Probe("control: same person", scan.name, original_rows[scan.name], same & ~own, ~own))
     for template in (scan for scan in scans if scan.template):
         t = index[template.name]
         for scan in real:
             # The claimed identity's gallery, as for a method's probe of that scan, minus the template itself.
             own = np.arange(len(scans)) == index[scan.name]
             allowed = (~(persons == scan.person) | own) & (np.arange(len(scans)) != t)
-            probes.append(Probe("control: average face", f"{template.name}->{scan.name}",
+            probes.append(attacks.Probe("control: average face", f"{template.name}->{scan.name}",
                                 original_rows[template.name], own, allowed))
 
     analyses: dict[str, fidelity.Analysis] = {}
@@ -275,7 +255,7 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
             run = runs[method, scan.name]
             facts = {"runtime_s": run.get("runtime_s"), "peak_rss_mb": run.get("peak_rss_mb"), "error": run["error"]}
             if run["error"] is not None:
-                probes.append(Probe(method, scan.name, {}, np.zeros(0, bool), np.zeros(0, bool), facts))
+                probes.append(attacks.Probe(method, scan.name, {}, np.zeros(0, bool), np.zeros(0, bool), facts))
                 continue
             out_path = work / "outputs" / method / f"{scan.name}.nii.gz"
             output = sitk.ReadImage(str(out_path))
@@ -288,7 +268,7 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
                 facts.update(downstream(scan, output, method))
             same = persons == scan.person
             own = np.arange(len(scans)) == i
-            probes.append(Probe(method, scan.name, distances(head, heads), own, ~same | own, facts))
+            probes.append(attacks.Probe(method, scan.name, distances(head, heads), own, ~same | own, facts))
             thumbnails[method].append((scan.name, heads[i].thumbnail, head.thumbnail))
 
     originals = {scan.name: heads[index[scan.name]].probe.vector for scan in real}

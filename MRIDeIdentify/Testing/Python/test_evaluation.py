@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 from MRIDeIdentifyLib import render
-from MRIDeIdentifyLib.reader import read_volume
+from MRIDeIdentifyLib.reader import image_like, image_stem, read_volume
 
 attacks = pytest.importorskip("MRIDeIdentifyLib.evaluation.attacks")
 pytest.importorskip("dlib", reason="the evaluation needs the 'eval' extra (dlib-bin)")
@@ -144,10 +145,8 @@ def _small_dataset(shared_data, folder):
         head = sitk.GetArrayFromImage(image) > render.skin_threshold(image)
         spacing = min(image.GetSpacing())
         brain = ndimage.binary_erosion(ndimage.binary_fill_holes(head), iterations=int(round(25 / spacing)))
-        mask = sitk.GetImageFromArray(brain.astype(np.uint8))
-        mask.CopyInformation(image)
-        stem = name.replace(".nii.gz", "").replace(".mgz", "")
-        sitk.WriteImage(mask, str(masks / f"{stem}.nii.gz"))
+        mask = image_like(brain.astype(np.uint8), image)
+        sitk.WriteImage(mask, str(masks / f"{image_stem(Path(name))}.nii.gz"))
     return data, folder / "out"
 
 
