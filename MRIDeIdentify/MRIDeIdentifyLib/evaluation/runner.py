@@ -3,7 +3,8 @@
 Scans are the image files of one folder. Files whose names share the prefix before the first ``_`` are the
 same person (``S06_..._ser5`` and ``S06_..._ser6``); a prefix starting with ``T`` marks a template (an
 average head): templates join the gallery as distractors and are the negative control's probes, and are not
-de-identified. Work files (brain masks, outputs, timings) go to ``OUT/work`` and are reused when present,
+de-identified. A folder without a template (a user's own scans) gets the shipped average head (pydeface's
+mean head, the one ``reface`` and the demo use) in that role. Work files (brain masks, outputs, timings) go to ``OUT/work`` and are reused when present,
 so an interrupted run resumes.
 """
 from __future__ import annotations
@@ -50,6 +51,20 @@ def discover(data_dir: Path) -> list[Scan]:
     if not any(not scan.template for scan in scans):
         raise InputError(f"{data_dir}: no scan to de-identify (only templates, or no image files)")
     return scans
+
+
+# The shipped average head's name in the gallery and the report when the data brings no template.
+SHIPPED_TEMPLATE = "T00_shipped_average_head"
+
+
+def with_template(scans: list[Scan]) -> list[Scan]:
+    """``scans``, plus the shipped average head as a template when none of them is one: the average-face
+    control and a distractor for any folder of scans."""
+    if any(scan.template for scan in scans):
+        return scans
+    from ..template import HEAD_FILE, template_dir
+
+    return [*scans, Scan(SHIPPED_TEMPLATE, template_dir() / HEAD_FILE, SHIPPED_TEMPLATE.split("_")[0], True)]
 
 
 # --- de-identification, in child processes (their peak memory is the method's) -------------------------
@@ -106,6 +121,12 @@ class Head:
     gallery: attacks.FaceEmbedding | None = None
     targets: dict[str, attacks.Target] = field(default_factory=dict)
 
+    def gallery_embedding(self) -> attacks.FaceEmbedding:
+        """The frontal embedding an original joins the gallery with (a de-identified output has none)."""
+        if self.gallery is None:
+            raise ValueError("only an original head has a gallery embedding")
+        return self.gallery
+
 
 def original_head(image: sitk.Image, size: int, seed: int = 0) -> Head:
     """Gallery and probe features of an original scan at its own skin threshold."""
@@ -130,9 +151,9 @@ def output_head(image: sitk.Image, original: Head, size: int, seed: int = 0) -> 
         surface = render.skin_surface(image, original.threshold)
     except ValueError:  # nothing left above the skin level: the attackers see an empty picture
         blank = np.zeros((size, size, 3), np.uint8)
-        return Head(original.threshold, original.view, original.frame, attacks.embed_face(blank, original.gallery.box),
+        return Head(original.threshold, original.view, original.frame, attacks.embed_face(blank, original.gallery_embedding().box),
                     {region.name: np.zeros((0, 3)) for region in attacks.REGIONS}, _thumbnail(blank))
-    head = _probe(surface, original.threshold, original.view, original.frame, original.gallery.box, size, seed)
+    head = _probe(surface, original.threshold, original.view, original.frame, original.gallery_embedding().box, size, seed)
     head.thumbnail = _thumbnail(_render(surface, original.view, attacks.GALLERY_POSE, size))
     return head
 
@@ -152,12 +173,12 @@ def _render(surface, view, pose, size) -> np.ndarray:
 def _thumbnail(picture: np.ndarray, size: int = 192) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(picture).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(picture).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def distances(probe: Head, gallery: list[Head]) -> dict[str, np.ndarray]:
     """Distances from ``probe`` to every gallery head: "2d" (embedding, Euclidean) and one per ICP region."""
-    rows = {"2d": np.array([np.linalg.norm(probe.probe.vector - g.gallery.vector) for g in gallery])}
+    rows = {"2d": np.array([np.linalg.norm(probe.probe.vector - g.gallery_embedding().vector) for g in gallery])}
     for region in attacks.REGIONS:
         rows[region.name] = np.array([attacks.icp_distance(probe.regions[region.name], probe.frame,
                                                            g.targets[region.name], region.mode) for g in gallery])
@@ -180,7 +201,7 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
     unknown = sorted(set(methods) - set(method_names()))
     if unknown:
         raise InputError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(method_names())}")
-    scans = discover(data_dir)
+    scans = with_template(discover(data_dir))
     real = [scan for scan in scans if not scan.template]
     work = Path(out_dir) / "work"
     (work / "brainmasks").mkdir(parents=True, exist_ok=True)
@@ -274,6 +295,7 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
     originals = {scan.name: heads[index[scan.name]].probe.vector for scan in real}
     return report.write(Path(out_dir), probes, methods, originals, thumbnails, n_gallery=len(scans),
                         n_templates=len(scans) - len(real), data_dir=Path(data_dir),
+                        shipped_template=any(scan.name == SHIPPED_TEMPLATE for scan in scans),
                         fidelity_failures={p.scan: p.facts["original_error"] for p in probes
                                            if p.facts.get("original_error")})
 

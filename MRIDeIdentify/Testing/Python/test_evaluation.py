@@ -194,3 +194,35 @@ def test_evaluate_rejects_unknown_method_and_missing_folder(tmp_path, capsys):
     assert main(["evaluate", "--data", str(tmp_path / "d"), "--methods", "nosuchmethod", "--out",
                  str(tmp_path / "o")]) == 2
     assert "mri-deidentify: error: " in capsys.readouterr().err
+
+
+FIVE_PEOPLE = ["S03_niivue_T1_2mm_mni.nii.gz", "S04_robex_ref_T1.nii.gz", "S05_mne_sample_T1_3mm.mgz",
+               "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz", "S12_colin27_ch2.nii.gz"]
+
+
+def test_a_folder_without_template_gets_the_shipped_average_head(shared_data, tmp_path):
+    """Five scans of five people, no template: the shipped average head joins as distractor and control."""
+    from MRIDeIdentifyLib.evaluation.runner import SHIPPED_TEMPLATE, discover, with_template
+    from MRIDeIdentifyLib.template import HEAD_FILE
+
+    for name in FIVE_PEOPLE:
+        (tmp_path / name).symlink_to(shared_data / "heads" / name)
+    scans = with_template(discover(tmp_path))
+    assert [s.name for s in scans if not s.template] == [image_stem(Path(n)) for n in FIVE_PEOPLE]
+    (template,) = [s for s in scans if s.template]
+    assert template.name == SHIPPED_TEMPLATE and template.path.name == HEAD_FILE
+    assert read_volume(template.path).image.GetSize() == (176, 256, 256)
+    # A folder that brings its own template keeps it and gets no second one.
+    (tmp_path / "T02_MNI152_T1_2mmEXT.nii.gz").symlink_to(shared_data / "heads" / "T02_MNI152_T1_2mmEXT.nii.gz")
+    assert [s.name for s in with_template(discover(tmp_path)) if s.template] == ["T02_MNI152_T1_2mmEXT"]
+
+
+def test_controls_pass_without_a_same_person_pair_but_not_without_the_average_face():
+    from MRIDeIdentifyLib.evaluation.report import controls_passed
+
+    rerender, average, same = ("control: re-render", (True, "")), ("control: average face", (True, "")), \
+        ("control: same person", (True, ""))
+    assert controls_passed(dict([rerender, average]))
+    assert controls_passed(dict([rerender, average, same]))
+    assert not controls_passed(dict([rerender, same]))
+    assert not controls_passed(dict([rerender, average, ("control: same person", (False, ""))]))
