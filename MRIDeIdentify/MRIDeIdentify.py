@@ -468,7 +468,7 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
                 import PyTorchUtils
             except ModuleNotFoundError:
                 raise RuntimeError("MRIDeIdentify needs the PyTorch extension: install 'PyTorch' from the "
-                                   "Extensions Manager, restart Slicer and try again.")
+                                   "Extensions Manager, restart Slicer and try again.") from None
             torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
                 askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
             if torch is None:
@@ -479,7 +479,7 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
                     slicer.util.pip_install(arguments)
                 except Exception as error:
                     raise RuntimeError(f"Installing {name} failed ({error}). Check the network connection, or "
-                                       f"run in the Python console: slicer.util.pip_install('{arguments}')")
+                                       f"run in the Python console: slicer.util.pip_install('{arguments}')") from error
         return True
 
     # --- nodes <-> engine images -----------------------------------------------------------------------------

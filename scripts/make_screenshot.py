@@ -128,7 +128,7 @@ def draw_panel(path: Path = PANEL) -> Path:
     module = import_module_file()
     app, panel = load_panel()
     methods = panel.findChild(QComboBox, "methodComboBox")
-    for name, summary in module.MRIDeIdentifyLogic.availableMethods():
+    for name, _ in module.MRIDeIdentifyLogic.availableMethods():
         methods.addItem(name, name)
     panel.findChild(QWidget, "methodDescriptionLabel").setText(module.MRIDeIdentifyLogic.availableMethods()[0][1])
     devices = panel.findChild(QComboBox, "deviceComboBox")

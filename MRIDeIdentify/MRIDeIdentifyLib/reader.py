@@ -153,7 +153,8 @@ def _check_nifti(path: Path) -> None:
     if fault:
         raise InputError(f"{path.name}: {fault}")
     try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
+        nifti: Any = nib.load(str(path))  # nibabel types load() as the base class, without dataobj
+        data = np.asanyarray(nifti.dataobj)
     except (OSError, EOFError) as error:
         what = "gzip stream" if path.name.lower().endswith(".gz") else "voxel data"
         raise InputError(f"{path.name}: damaged or truncated {what}, or a header promising more voxels than "
@@ -242,7 +243,7 @@ def _read_mgh(path: Path) -> sitk.Image:
     """FreeSurfer .mgz/.mgh via nibabel, converted to a SimpleITK image with the same RAS->LPS geometry."""
     import nibabel as nib
     try:
-        mgh = nib.load(str(path))
+        mgh: Any = nib.load(str(path))
         data = np.asanyarray(mgh.dataobj)
     except Exception as error:  # nibabel raises many types for damaged files
         raise InputError(f"{path.name}: cannot be read as an MGH/MGZ image ({error})") from None

@@ -23,6 +23,7 @@ Options left out: Retain Patient Characteristics (113108), Retain Device Identit
 (113110), Retain Safe Private (113111), Retain Institution Identity (113112), Clean Descriptors (113105: the
 descriptors are removed instead), Clean Structured Content (113104), Clean Pixel Data (113101: MR carries no
 """
+
 from __future__ import annotations
 
 import datetime
@@ -32,10 +33,10 @@ import secrets
 from functools import lru_cache
 from typing import Dict, Optional, Tuple
 
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import generate_uid
 
 _DUMMY_TEXT = "DEIDENTIFIED"
@@ -70,11 +71,25 @@ class UIDMap:
 # strongest action (X, else Z).
 _REQUIRED = {
     False: {"ContentDate": "Z", "ContentTime": "Z"},
-    True: {"ContentDate": "D", "ContentTime": "D", "AcquisitionDateTime": "D", "DeviceSerialNumber": "D",
-           "AcquisitionContextSequence": "Z"},
+    True: {
+        "ContentDate": "D",
+        "ContentTime": "D",
+        "AcquisitionDateTime": "D",
+        "DeviceSerialNumber": "D",
+        "AcquisitionContextSequence": "Z",
+    },
 }
-_CATEGORIES = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U", "Z_D_TAGS": "Z/D", "X_Z_TAGS": "X/Z",
-               "X_D_TAGS": "X/D", "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*"}
+_CATEGORIES = {
+    "D_TAGS": "D",
+    "Z_TAGS": "Z",
+    "X_TAGS": "X",
+    "U_TAGS": "U",
+    "Z_D_TAGS": "Z/D",
+    "X_Z_TAGS": "X/Z",
+    "X_D_TAGS": "X/D",
+    "X_Z_D_TAGS": "X/Z/D",
+    "X_Z_U_STAR_TAGS": "X/Z/U*",
+}
 
 
 @lru_cache(maxsize=1)
@@ -86,6 +101,7 @@ def profile_table() -> Tuple[str, Dict[int, str], Tuple[Tuple[int, int, str], ..
     """
     from dicomanonymizer import dicom_anonymization_databases as databases
     from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
+
     edition = max(module.name for module in pkgutil.iter_modules(databases.__path__))
     table = dicom_anonymization_database_selector(edition)
     actions: Dict[int, str] = {}
@@ -99,22 +115,24 @@ def profile_table() -> Tuple[str, Dict[int, str], Tuple[Tuple[int, int, str], ..
     return edition, actions, tuple(masked)
 
 
-def deidentify_dataset(ds: Dataset, uid_map: UIDMap, date_shift_days: Optional[int] = None, *,
-                       enhanced: bool = False) -> None:
+def deidentify_dataset(
+    ds: Dataset, uid_map: UIDMap, date_shift_days: Optional[int] = None, *, enhanced: bool = False
+) -> None:
     """Clean ``ds`` in place (recursively, file meta excluded) following PS3.15's Basic profile.
 
     Patient's Name and ID become the run's pseudonym of the original ID and name (a dummy value, which the
     profile's Z and Z/D actions allow) instead of empty: PACS often refuse an empty Patient ID.
     """
     _, actions, masked = profile_table()
-    required = {tag_for_keyword(k): v for k, v in _REQUIRED[enhanced].items()}
+    required = {int(Tag(k)): v for k, v in _REQUIRED[enhanced].items()}
     identity = f"{ds.get('PatientID', '')}|{ds.get('PatientName', '')}"
     _clean(ds, actions, masked, required, uid_map, date_shift_days)
     ds.PatientID = ds.PatientName = uid_map.pseudonym(identity)
 
 
-def _clean(ds: Dataset, actions: Dict[int, str], masked: Tuple, required: Dict[int, str], uid_map: UIDMap,
-           shift: Optional[int]) -> None:
+def _clean(
+    ds: Dataset, actions: Dict[int, str], masked: Tuple, required: Dict[int, str], uid_map: UIDMap, shift: Optional[int]
+) -> None:
     for tag in list(ds.keys()):
         if tag.is_private:
             del ds[tag]
@@ -129,15 +147,16 @@ def _clean(ds: Dataset, actions: Dict[int, str], masked: Tuple, required: Dict[i
             element.value = _dummy(element, uid_map)
         elif action == "U":
             element.value = _map_uids(element.value, uid_map)
-        elif action == "shift":
+        elif action == "shift" and shift is not None:
             element.value = _shift_dates(element.value, element.VR, shift)
         if tag in ds and ds[tag].VR == "SQ":
             for item in ds[tag].value:
                 _clean(item, actions, masked, required, uid_map, shift)
 
 
-def _action(tag: int, vr: str, actions: Dict[int, str], masked: Tuple, required: Dict[int, str],
-            shift: Optional[int]) -> str:
+def _action(
+    tag: int, vr: str, actions: Dict[int, str], masked: Tuple, required: Dict[int, str], shift: Optional[int]
+) -> str:
     """'X', 'Z', 'D', 'U', 'shift' or 'keep' for one attribute."""
     if tag == 0x00100030:  # Patient's Birth Date: emptied even when the other dates are kept shifted
         return "Z"
@@ -175,9 +194,15 @@ def _dummy(element, uid_map: UIDMap):
         return _map_uids(element.value, uid_map)
     if vr == "SQ":
         return element.value  # kept: its items are cleaned by the recursive walk
-    return {"DA": _DUMMY_DATE, "DT": _DUMMY_DATE + "000000", "TM": "000000", "AS": "000Y", "DS": "0", "IS": "0",
-            "UR": "http://deidentified.invalid"}.get(vr, _DUMMY_TEXT if vr in (
-                "AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT") else _empty(vr))
+    return {
+        "DA": _DUMMY_DATE,
+        "DT": _DUMMY_DATE + "000000",
+        "TM": "000000",
+        "AS": "000Y",
+        "DS": "0",
+        "IS": "0",
+        "UR": "http://deidentified.invalid",
+    }.get(vr, _DUMMY_TEXT if vr in ("AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT") else _empty(vr))
 
 
 def _map_uids(value, uid_map: UIDMap):
@@ -211,8 +236,10 @@ def mark_deidentified(ds: Dataset, method: str, tool_version: str, date_shift_da
     """
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = f"MRIDeIdentify {tool_version} ({method}); DICOM PS3.15 Basic Profile"[:64]
-    codes = [("113100", "Basic Application Confidentiality Profile"),
-             ("113102", "Clean Recognizable Visual Features Option")]
+    codes = [
+        ("113100", "Basic Application Confidentiality Profile"),
+        ("113102", "Clean Recognizable Visual Features Option"),
+    ]
     if date_shift_days is not None:
         codes.append(("113107", "Retain Longitudinal Temporal Information Modified Dates Option"))
     items = []

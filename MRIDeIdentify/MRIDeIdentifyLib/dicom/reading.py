@@ -8,6 +8,7 @@ type is kept, e.g. uint16), ``slope * stored + intercept`` in SimpleITK's pixel 
 put in spatial order and the image gets the geometry computed from the headers (GDCM's own is not trusted for
 enhanced files, whose frames need not be stored in spatial order).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -73,8 +75,15 @@ def list_series(folder: Path) -> List[SeriesInfo]:
     infos = []
     for uid, entries in groups.items():
         first = entries[0][1]
-        infos.append(SeriesInfo(uid, str(first.get("SeriesDescription", "")), str(first.get("Modality", "")),
-                                len(entries), sum(_frames(ds) for _, ds in entries)))
+        infos.append(
+            SeriesInfo(
+                uid,
+                str(first.get("SeriesDescription", "")),
+                str(first.get("Modality", "")),
+                len(entries),
+                sum(_frames(ds) for _, ds in entries),
+            )
+        )
     return sorted(infos, key=lambda info: (-info.frames, info.uid))
 
 
@@ -95,12 +104,13 @@ def read_series(folder: Path, series_uid: Optional[str] = None) -> Tuple[sitk.Im
     entries = groups[uid]
     for path, ds in entries:
         _check_pixel_data(path, ds)
-    multi = [entry for entry in entries
-             if _frames(entry[1]) > 1 or "PerFrameFunctionalGroupsSequence" in entry[1]]
+    multi = [entry for entry in entries if _frames(entry[1]) > 1 or "PerFrameFunctionalGroupsSequence" in entry[1]]
     if multi:
         if len(entries) != 1:
-            raise InputError(f"{folder.name}: series {uid} has {len(entries)} files of which {len(multi)} "
-                             "multi-frame (enhanced); one enhanced file per series is supported")
+            raise InputError(
+                f"{folder.name}: series {uid} has {len(entries)} files of which {len(multi)} "
+                "multi-frame (enhanced); one enhanced file per series is supported"
+            )
         return _read_enhanced(*entries[0])
     return _read_classic(uid, entries)
 
@@ -112,8 +122,9 @@ def _scan(folder: Path) -> Dict[str, List[Tuple[Path, Dataset]]]:
     error."""
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
-    paths = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR")
+    paths = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name.upper() != "DICOMDIR"
+    )
     if not paths:
         raise InputError(f"{folder.name}: the folder holds no files")
     groups: Dict[str, List[Tuple[Path, Dataset]]] = {}
@@ -139,8 +150,10 @@ def _read_header(path: Path) -> Optional[Dataset]:
     except InvalidDicomError:
         pass  # no 'DICM' preamble: not DICOM, or DICOM written without one (older exports)
     except Exception as error:  # pydicom raises many types for damaged files
-        raise InputError(f"{path.name}: not a readable DICOM file ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
+        raise InputError(
+            f"{path.name}: not a readable DICOM file ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'})"
+        ) from None
     try:
         ds = pydicom.dcmread(str(path), defer_size=_DEFER_SIZE, force=True)
         # A forced read of a text or binary file yields a dataset of nonsense: real ones name their class.
@@ -162,13 +175,14 @@ def _check_pixel_data(path: Path, ds: Dataset) -> None:
     value = getattr(raw, "value", None)
     if length == 0xFFFFFFFF:
         return  # encapsulated (compressed): GDCM checks it when reading
-    expected = int(ds.Rows) * int(ds.Columns) * _frames(ds) * int(ds.get("SamplesPerPixel", 1)) \
-        * int(ds.BitsAllocated) // 8
-    if value is None:
+    expected = (
+        int(ds.Rows) * int(ds.Columns) * _frames(ds) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+    )
+    if isinstance(raw, RawDataElement) and value is None:  # deferred: still on disk
         available = path.stat().st_size - int(raw.value_tell)
-        actual = min(int(length), available)
+        actual = min(int(raw.length), available)
     else:
-        actual = len(value)
+        actual = len(value or b"")
     if actual < expected:
         raise InputError(f"{path.name}: pixel data is truncated ({actual} of {expected} bytes)")
 
@@ -183,8 +197,13 @@ def _vector(values: Sequence, n: int, what: str, name: str) -> np.ndarray:
     return array
 
 
-def _geometry(name: str, orientations: List[np.ndarray], positions: List[np.ndarray], pixel_spacing: np.ndarray,
-              thickness: Optional[float]) -> Tuple[np.ndarray, Tuple, Tuple, Tuple]:
+def _geometry(
+    name: str,
+    orientations: List[np.ndarray],
+    positions: List[np.ndarray],
+    pixel_spacing: np.ndarray,
+    thickness: Optional[float],
+) -> Tuple[np.ndarray, Tuple, Tuple, Tuple]:
     """Spatial order of the slices and the SimpleITK geometry (origin, spacing, direction) in LPS mm."""
     orientation = orientations[0]
     if any(np.abs(o - orientation).max() > 1e-4 for o in orientations):
@@ -229,22 +248,34 @@ def _read_classic(uid: str, entries: List[Tuple[Path, Dataset]]) -> Tuple[sitk.I
     for path, ds in entries:
         if (int(ds.Rows), int(ds.Columns)) != (int(first.Rows), int(first.Columns)):
             raise InputError(f"{path.name}: {ds.Rows}x{ds.Columns} pixels, unlike the rest of series {uid}")
-    orientations = [_vector(ds.get("ImageOrientationPatient"), 6, "Image Orientation (Patient)", p.name)
-                    for p, ds in entries]
+    orientations = [
+        _vector(ds.get("ImageOrientationPatient"), 6, "Image Orientation (Patient)", p.name) for p, ds in entries
+    ]
     positions = [_vector(ds.get("ImagePositionPatient"), 3, "Image Position (Patient)", p.name) for p, ds in entries]
     spacing = _vector(first.get("PixelSpacing"), 2, "Pixel Spacing", entries[0][0].name)
-    order, origin, spacing3, direction = _geometry(name, orientations, positions, spacing,
-                                                   first.get("SliceThickness"))
+    order, origin, spacing3, direction = _geometry(name, orientations, positions, spacing, first.get("SliceThickness"))
     ordered = [entries[i] for i in order]
     rescale = _uniform_rescale(name, [_rescale_of(ds) for _, ds in ordered])
     try:
         image = sitk.ReadImage([str(p) for p, _ in ordered])
     except RuntimeError as error:
-        raise InputError(f"{name}: SimpleITK cannot read the series ({itk_reason(error, entries[0][0].parent)})") from None
+        raise InputError(
+            f"{name}: SimpleITK cannot read the series ({itk_reason(error, entries[0][0].parent)})"
+        ) from None
     array = sitk.GetArrayFromImage(image)
     datasets = [_header_only(ds) for _, ds in ordered]
-    source = DicomSource(uid, False, datasets, list(range(len(ordered))), rescale, origin, spacing3, direction,
-                         (int(first.Columns), int(first.Rows), len(ordered)), [p for p, _ in ordered])
+    source = DicomSource(
+        uid,
+        False,
+        datasets,
+        list(range(len(ordered))),
+        rescale,
+        origin,
+        spacing3,
+        direction,
+        (int(first.Columns), int(first.Rows), len(ordered)),
+        [p for p, _ in ordered],
+    )
     return _image(array, source), source
 
 
@@ -264,16 +295,27 @@ def _read_enhanced(path: Path, ds: Dataset) -> Tuple[sitk.Image, DicomSource]:
             raise InputError(f"{path.name}: frame {index + 1} has no {keyword}")
         return ds  # Pixel Value Transformation may sit at the top level instead
 
-    orientations = [_vector(group(i, "PlaneOrientationSequence").get("ImageOrientationPatient"), 6,
-                            "Image Orientation (Patient)", path.name) for i in range(frames)]
-    positions = [_vector(group(i, "PlanePositionSequence").get("ImagePositionPatient"), 3,
-                         "Image Position (Patient)", path.name) for i in range(frames)]
+    orientations = [
+        _vector(
+            group(i, "PlaneOrientationSequence").get("ImageOrientationPatient"),
+            6,
+            "Image Orientation (Patient)",
+            path.name,
+        )
+        for i in range(frames)
+    ]
+    positions = [
+        _vector(group(i, "PlanePositionSequence").get("ImagePositionPatient"), 3, "Image Position (Patient)", path.name)
+        for i in range(frames)
+    ]
     measures = group(0, "PixelMeasuresSequence")
     spacing = _vector(measures.get("PixelSpacing"), 2, "Pixel Spacing", path.name)
-    order, origin, spacing3, direction = _geometry(path.name, orientations, positions, spacing,
-                                                   measures.get("SliceThickness"))
-    rescale = _uniform_rescale(path.name, [_rescale_of(group(i, "PixelValueTransformationSequence", False))
-                                           for i in range(frames)])
+    order, origin, spacing3, direction = _geometry(
+        path.name, orientations, positions, spacing, measures.get("SliceThickness")
+    )
+    rescale = _uniform_rescale(
+        path.name, [_rescale_of(group(i, "PixelValueTransformationSequence", False)) for i in range(frames)]
+    )
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -281,8 +323,18 @@ def _read_enhanced(path: Path, ds: Dataset) -> Tuple[sitk.Image, DicomSource]:
     array = sitk.GetArrayFromImage(image)
     if array.shape[0] != frames:
         raise InputError(f"{path.name}: SimpleITK read {array.shape[0]} of {frames} frames")
-    source = DicomSource(str(ds.SeriesInstanceUID), True, [_header_only(ds)], [int(i) for i in order], rescale,
-                         origin, spacing3, direction, (int(ds.Columns), int(ds.Rows), frames), [path])
+    source = DicomSource(
+        str(ds.SeriesInstanceUID),
+        True,
+        [_header_only(ds)],
+        [int(i) for i in order],
+        rescale,
+        origin,
+        spacing3,
+        direction,
+        (int(ds.Columns), int(ds.Rows), frames),
+        [path],
+    )
     return _image(array[order], source), source
 
 

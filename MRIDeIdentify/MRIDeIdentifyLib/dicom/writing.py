@@ -6,6 +6,7 @@ Rows/Columns, positions, orientation, spacing) and its rescale: the stored value
 bit; Bits Stored grows if a written value needs it. Output is always Explicit VR Little Endian.
 The headers are cleaned by :mod:`.confidentiality` (PS3.15 Basic profile).
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,16 @@ from .reading import PIXEL_DATA, DicomSource
 _ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 
 
-def write_series(image: sitk.Image, source: DicomSource, out_dir: Path, *, method: str, tool_version: str,
-                 uid_map: UIDMap, date_shift_days: Optional[int] = None) -> List[Path]:
+def write_series(
+    image: sitk.Image,
+    source: DicomSource,
+    out_dir: Path,
+    *,
+    method: str,
+    tool_version: str,
+    uid_map: UIDMap,
+    date_shift_days: Optional[int] = None,
+) -> List[Path]:
     """Write ``image`` (on the source grid) as a de-identified DICOM series into the new folder ``out_dir``.
 
     Same frame layout, geometry and rescale as the source; headers cleaned (PS3.15 Basic profile, see the
@@ -48,11 +57,25 @@ def write_series(image: sitk.Image, source: DicomSource, out_dir: Path, *, metho
         if source.enhanced:
             frames = np.empty_like(stored)
             frames[np.asarray(source.frame_of_slice)] = stored
-            names = [_write_file(source.datasets[0], frames, bits, staging / "0001.dcm", method, tool_version,
-                                 uid_map, date_shift_days)]
+            names = [
+                _write_file(
+                    source.datasets[0],
+                    frames,
+                    bits,
+                    staging / "0001.dcm",
+                    method,
+                    tool_version,
+                    uid_map,
+                    date_shift_days,
+                )
+            ]
         else:
-            names = [_write_file(ds, stored[k], bits, staging / f"{k + 1:04d}.dcm", method, tool_version, uid_map,
-                                 date_shift_days) for k, ds in enumerate(source.datasets)]
+            names = [
+                _write_file(
+                    ds, stored[k], bits, staging / f"{k + 1:04d}.dcm", method, tool_version, uid_map, date_shift_days
+                )
+                for k, ds in enumerate(source.datasets)
+            ]
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the series from other users of a share
@@ -68,8 +91,11 @@ def write_series(image: sitk.Image, source: DicomSource, out_dir: Path, *, metho
 def _check_grid(image: sitk.Image, source: DicomSource) -> None:
     if image.GetDimension() != 3 or tuple(image.GetSize()) != tuple(source.size):
         raise ValueError(f"image size {image.GetSize()} differs from the DICOM source {source.size}")
-    for have, want, what in ((image.GetOrigin(), source.origin, "origin"), (image.GetSpacing(), source.spacing,
-                             "spacing"), (image.GetDirection(), source.direction, "direction")):
+    for have, want, what in (
+        (image.GetOrigin(), source.origin, "origin"),
+        (image.GetSpacing(), source.spacing, "spacing"),
+        (image.GetDirection(), source.direction, "direction"),
+    ):
         if not np.allclose(have, want, rtol=1e-6, atol=1e-4):
             raise ValueError(f"image {what} {have} differs from the DICOM source {want}")
 
@@ -95,8 +121,16 @@ def _bits_needed(stored: np.ndarray, header: Dataset) -> int:
     return min(int(header.BitsAllocated), max(int(header.BitsStored), needed))
 
 
-def _write_file(template: Dataset, pixels: np.ndarray, bits: int, path: Path, method: str, tool_version: str,
-                uid_map: UIDMap, date_shift_days: Optional[int]) -> str:
+def _write_file(
+    template: Dataset,
+    pixels: np.ndarray,
+    bits: int,
+    path: Path,
+    method: str,
+    tool_version: str,
+    uid_map: UIDMap,
+    date_shift_days: Optional[int],
+) -> str:
     ds = _copy_header(template)
     enhanced = str(ds.SOPClassUID) == _ENHANCED_MR or "PerFrameFunctionalGroupsSequence" in ds
     deidentify_dataset(ds, uid_map, date_shift_days, enhanced=enhanced)

@@ -17,6 +17,7 @@ import functools
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -134,13 +135,15 @@ def icp_distance(probe: np.ndarray, probe_frame: HeadFrame, target: Target, mode
     """
     if len(probe) < _MIN_POINTS or len(target.points) < _MIN_POINTS:
         return float("nan")
+    tree = target.tree
+    assert tree is not None  # a target with points has its tree
     rotation = target.frame.axes.T @ probe_frame.axes
     moved = (probe - probe_frame.nose) @ rotation.T + target.frame.nose
     keep = max(_MIN_POINTS, int(_TRIM * len(moved)))
     previous = np.inf
     total_scale = 1.0
     for _ in range(iterations):
-        distances, index = target.tree.query(moved)
+        distances, index = tree.query(moved)
         order = np.argsort(distances)[:keep]
         rms = float(np.sqrt(np.mean(distances[order] ** 2)))
         if previous - rms < 1e-3:
@@ -150,7 +153,7 @@ def icp_distance(probe: np.ndarray, probe_frame: HeadFrame, target: Target, mode
         scale, turn, shift = _umeyama(moved[order], target.points[index[order]], bounds)
         total_scale *= scale
         moved = scale * moved @ turn.T + shift
-    distances, _ = target.tree.query(moved)
+    distances, _ = tree.query(moved)
     return float(np.sqrt(np.mean(np.sort(distances)[:keep] ** 2)))
 
 
@@ -172,9 +175,9 @@ def _umeyama(source: np.ndarray, target: np.ndarray, scale_bounds: tuple[float, 
 class FaceModels:
     """dlib's HOG face detector, 5-point landmarks and ResNet face embedding (from face-recognition-models)."""
 
-    detector: object
-    landmarks: object
-    encoder: object
+    detector: Any
+    landmarks: Any
+    encoder: Any
 
 
 @functools.lru_cache(maxsize=1)

@@ -78,7 +78,7 @@ def compare(original: Analysis, output: Analysis) -> dict[str, float]:
     """Dice of the brain mask and of each class, relative volume difference (output - original) / original
     of each class, and ``failed`` (1.0 when the analysis failed on the output but not the original)."""
     row: dict[str, float] = {"failed": float(output.error is not None and original.error is None)}
-    if original.error is not None or output.error is not None:
+    if original.brain is None or original.labels is None or output.brain is None or output.labels is None:
         for name in ("brain",) + CLASSES:
             row[f"dice_{name}"] = float("nan")
         for name in CLASSES:

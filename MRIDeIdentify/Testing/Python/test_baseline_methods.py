@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from scipy import ndimage
 
 from MRIDeIdentifyLib.brainmask import extract_brain_mask
 from MRIDeIdentifyLib.headmask import head_mask, head_threshold

@@ -73,7 +73,7 @@ def _slices(files: List[Path]) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray,
         if "PerFrameFunctionalGroupsSequence" in ds:
             shared = ds.SharedFunctionalGroupsSequence[0]
             for index, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
-                def get(keyword, frame=frame):
+                def get(keyword, frame=frame, shared=shared):
                     return (frame if keyword in frame else shared)[keyword][0]
                 out.append((np.array(get("PlanePositionSequence").ImagePositionPatient, float),
                             np.array(get("PlaneOrientationSequence").ImageOrientationPatient, float),

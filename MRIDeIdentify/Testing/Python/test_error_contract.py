@@ -5,6 +5,7 @@ else ever crashes (exit 1) on a damaged NIfTI header. The fuzz damages the heade
 seeded ways (random bytes, dimensions, voxel sizes NaN/inf/0/negative, orientation, truncation, gzip) and
 checks, for each, exit 0 or 2, the input untouched and nothing partial left beside the output.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -53,8 +54,9 @@ def test_train_without_data_is_bad_usage(capfd):
 
 
 def test_evaluate_speaks_like_run(tmp_path, capfd):
-    code, _, err = run_cli(["evaluate", "--data", str(tmp_path / "absent"), "--methods", "blur", "--out",
-                            str(tmp_path / "report")], capfd)
+    code, _, err = run_cli(
+        ["evaluate", "--data", str(tmp_path / "absent"), "--methods", "blur", "--out", str(tmp_path / "report")], capfd
+    )
     assert "not a folder" in assert_one_line_refusal(code, err)
     code, _, err = run_cli(["evaluate", "--data", str(tmp_path)], capfd)
     assert "--methods" in assert_one_line_refusal(code, err)
@@ -69,10 +71,12 @@ def test_every_subcommand_refuses_an_unknown_option_the_same_way(capfd):
 
 # ------------------------------------------------------------------------------------------------ fuzz
 
+
 def _set(offset: int, fmt: str, *values) -> Damage:
     def damage(header: bytearray) -> bytes:
         struct.pack_into(fmt, header, offset, *values)
         return bytes(header)
+
     return damage
 
 
@@ -109,7 +113,7 @@ NAMED: Dict[str, Damage] = {
     "sizeof-hdr-wrong": _set(0, "<i", 12),
     "cut-in-header": _cut(200),
     "cut-before-data": _cut(348),
-    "cut-in-data": lambda data: bytes(data[:len(data) // 2]),
+    "cut-in-data": lambda data: bytes(data[: len(data) // 2]),
 }
 
 
@@ -120,8 +124,9 @@ def _random_damage(index: int) -> Damage:
     def damage(header: bytearray) -> bytes:
         start = int(rng.integers(0, 348))
         length = int(rng.integers(1, 9))
-        header[start:start + length] = rng.integers(0, 256, length, dtype=np.uint8).tobytes()
+        header[start : start + length] = rng.integers(0, 256, length, dtype=np.uint8).tobytes()
         return bytes(header)
+
     return damage
 
 
@@ -138,6 +143,7 @@ def raw_head(head_path: Path) -> bytes:
 def brain_mask(head_path: Path, tmp_path_factory) -> Path:
     """A brain mask for the undamaged head so that accepted cases skip deepbet: a ball of the head's middle."""
     import SimpleITK as sitk
+
     head = sitk.ReadImage(str(head_path))
     size = np.array(head.GetSize())[::-1]
     k, j, i = np.indices(size)
@@ -149,13 +155,15 @@ def brain_mask(head_path: Path, tmp_path_factory) -> Path:
     return path
 
 
-FUZZ_PARAMS = [pytest.param(name, False, id=f"{name}-nii") for name in sorted(FUZZ)] + \
-    [pytest.param(name, True, id=f"{name}-nii.gz") for name in GZIP_CASES]
+FUZZ_PARAMS = [pytest.param(name, False, id=f"{name}-nii") for name in sorted(FUZZ)] + [
+    pytest.param(name, True, id=f"{name}-nii.gz") for name in GZIP_CASES
+]
 
 
 @pytest.mark.parametrize("name, compressed", FUZZ_PARAMS)
-def test_damaged_header_is_refused_or_read_never_crashes(name, compressed, raw_head, brain_mask, tmp_path, capfd,
-                                                         monkeypatch):
+def test_damaged_header_is_refused_or_read_never_crashes(
+    name, compressed, raw_head, brain_mask, tmp_path, capfd, monkeypatch
+):
     monkeypatch.delenv("MRIDEIDENTIFY_DEBUG", raising=False)
     damaged = FUZZ[name](bytearray(raw_head))
     source = tmp_path / "in" / ("scan.nii.gz" if compressed else "scan.nii")
@@ -163,8 +171,9 @@ def test_damaged_header_is_refused_or_read_never_crashes(name, compressed, raw_h
     source.write_bytes(gzip.compress(damaged, mtime=0) if compressed else damaged)
     output = tmp_path / "out" / "deid.nii.gz"
     before = snapshot(tmp_path)
-    code, out, err = run_cli(["run", str(source), str(output), "--method", "skullstrip", "--brain-mask",
-                              str(brain_mask)], capfd)
+    code, out, err = run_cli(
+        ["run", str(source), str(output), "--method", "skullstrip", "--brain-mask", str(brain_mask)], capfd
+    )
     after = snapshot(tmp_path)
     assert {key: after.get(key) for key in before} == before, "the input changed"
     if code == 2:
@@ -177,19 +186,37 @@ def test_damaged_header_is_refused_or_read_never_crashes(name, compressed, raw_h
 
 def test_fuzz_reaches_both_outcomes_and_names_the_damage(raw_head, brain_mask, tmp_path, capfd):
     """The fuzz is not vacuous: some damages are read, and the named ones are refused in the user's terms."""
-    expected = {"pixdim-nan": "voxel sizes", "pixdim-zero": "voxel sizes", "dim0-nine": "number of dimensions",
-                "srow-nan": "orientation matrix", "cut-in-header": "ends inside the NIfTI header",
-                "cut-in-data": "truncated", "datatype-unknown": "header is damaged"}
+    expected = {
+        "pixdim-nan": "voxel sizes",
+        "pixdim-zero": "voxel sizes",
+        "dim0-nine": "number of dimensions",
+        "srow-nan": "orientation matrix",
+        "cut-in-header": "ends inside the NIfTI header",
+        "cut-in-data": "truncated",
+        "datatype-unknown": "header is damaged",
+    }
     for name, words in expected.items():
         source = tmp_path / f"{name}.nii"
         source.write_bytes(FUZZ[name](bytearray(raw_head)))
-        code, _, err = run_cli(["run", str(source), str(tmp_path / "out.nii.gz"), "--method", "skullstrip",
-                                "--brain-mask", str(brain_mask)], capfd)
+        code, _, err = run_cli(
+            [
+                "run",
+                str(source),
+                str(tmp_path / "out.nii.gz"),
+                "--method",
+                "skullstrip",
+                "--brain-mask",
+                str(brain_mask),
+            ],
+            capfd,
+        )
         assert words in assert_one_line_refusal(code, err), name
     source = tmp_path / "scl.nii"
     source.write_bytes(FUZZ["scl-slope-nan"](bytearray(raw_head)))
-    code, _, err = run_cli(["run", str(source), str(tmp_path / "ok.nii.gz"), "--method", "skullstrip",
-                            "--brain-mask", str(brain_mask)], capfd)
+    code, _, err = run_cli(
+        ["run", str(source), str(tmp_path / "ok.nii.gz"), "--method", "skullstrip", "--brain-mask", str(brain_mask)],
+        capfd,
+    )
     assert code == 0, err
 
 
@@ -197,8 +224,13 @@ def test_every_subcommand_offers_the_same_devices(tmp_path, capfd):
     from MRIDeIdentifyLib.devices import DEVICE_CHOICES
 
     listed = ", ".join(f"'{name}'" for name in DEVICE_CHOICES)
-    for argv in (["run", "in.nii.gz", "out.nii.gz"], ["batch", "in", "out"], ["demo"], ["train", "--data", "d"],
-                 ["evaluate", "--data", "d", "--methods", "blur", "--out", "o"]):
+    for argv in (
+        ["run", "in.nii.gz", "out.nii.gz"],
+        ["batch", "in", "out"],
+        ["demo"],
+        ["train", "--data", "d"],
+        ["evaluate", "--data", "d", "--methods", "blur", "--out", "o"],
+    ):
         code, _, err = run_cli([*argv, "--device", "tpu"], capfd)
         assert listed in assert_one_line_refusal(code, err), argv
 
@@ -208,7 +240,9 @@ def test_device_list_needs_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, MRIDeIdentifyLib.devices as d; assert 'torch' not in sys.modules, 'torch imported'; "
-            "assert list(d.DEVICE_LABELS) == list(d.DEVICE_CHOICES)")
+    code = (
+        "import sys, MRIDeIdentifyLib.devices as d; assert 'torch' not in sys.modules, 'torch imported'; "
+        "assert list(d.DEVICE_LABELS) == list(d.DEVICE_CHOICES)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

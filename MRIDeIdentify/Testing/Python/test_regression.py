@@ -10,6 +10,7 @@ The recorded hashes live in ``data/regression_hashes.json``. After an intended c
 again with ``MRIDEIDENTIFY_RECORD_HASHES=1 pytest test_regression.py`` and say why in the commit. ``remodel``
 is not here yet: its output changes with the face prior (issue 10); add its case once that has landed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -53,8 +54,11 @@ def image_digest(path: Path) -> str:
     image = read_volume(path).image
     array = sitk.GetArrayViewFromImage(image)
     digest = hashlib.sha256()
-    digest.update(json.dumps([str(array.dtype), array.shape, image.GetSpacing(), image.GetOrigin(),
-                              image.GetDirection()]).encode())
+    digest.update(
+        json.dumps(
+            [str(array.dtype), array.shape, image.GetSpacing(), image.GetOrigin(), image.GetDirection()]
+        ).encode()
+    )
     digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
@@ -96,8 +100,21 @@ def dicom_digest(folder: Path) -> str:
 
 def run_case(tmp_path: Path, source: Path, output_name: str, method: str) -> Dict[str, str]:
     output = tmp_path / output_name
-    argv = ["run", str(source), str(output), "--method", method, "--seed", str(SEED), "--device", "cpu",
-            "--save-brain-mask", str(tmp_path / "brain.nii.gz"), "--save-face-mask", str(tmp_path / "face.nii.gz")]
+    argv = [
+        "run",
+        str(source),
+        str(output),
+        "--method",
+        method,
+        "--seed",
+        str(SEED),
+        "--device",
+        "cpu",
+        "--save-brain-mask",
+        str(tmp_path / "brain.nii.gz"),
+        "--save-face-mask",
+        str(tmp_path / "face.nii.gz"),
+    ]
     assert main(argv) == 0
     digests = {
         "output": dicom_digest(output) if output.is_dir() else image_digest(output),
