@@ -21,4 +21,4 @@ def run(ctx: MethodContext) -> MethodOutput:
         values = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(source, sigma)).astype(np.float32)
     # The blurred head spreads into the air; keep the output's tissue where the blurred image is above delta.
     head = values > ctx.threshold
-    return MethodOutput(values=values, head=head, changed=(head | ctx.head) & ~ctx.brain)
+    return MethodOutput(values=values, head=head)

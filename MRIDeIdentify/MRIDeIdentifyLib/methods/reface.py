@@ -33,7 +33,7 @@ def run(ctx: MethodContext) -> MethodOutput:
         values *= local_gain(values, ctx.array, overlap & (ctx.array > ctx.threshold),
                              np.asarray(ctx.image.GetSpacing()[::-1]))
     head |= ctx.brain
-    return MethodOutput(values=values, head=head, changed=(head | ctx.head) & ~ctx.brain)
+    return MethodOutput(values=values, head=head)
 
 
 def match_intensities(values: np.ndarray, reference: np.ndarray, region: np.ndarray,
