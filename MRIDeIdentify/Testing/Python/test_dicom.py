@@ -22,6 +22,7 @@ from conftest import DICOM_DIR, SKIP_REASON
 from MRIDeIdentifyLib import __version__, dicom
 from MRIDeIdentifyLib.dicom import writing
 from MRIDeIdentifyLib.errors import InputError
+from MRIDeIdentifyLib.reader import image_like
 
 S01 = DICOM_DIR / "S01_decubitus_HFS_T1_sag"
 S06 = DICOM_DIR / "S06_xa30_enhanced_T1w"
@@ -113,8 +114,7 @@ def written(request, tmp_path_factory) -> Dict[str, object]:
     box[k // 4: 3 * k // 4, j // 4: 3 * j // 4, i // 4: 3 * i // 4] = True
     changed = values.copy()
     changed[~box] = (np.arange((~box).sum()) % 1000 + 7).astype(values.dtype)
-    modified = sitk.GetImageFromArray(changed)
-    modified.CopyInformation(image)
+    modified = image_like(changed, image)
     out = tmp_path_factory.mktemp("dicom") / "out"
     files = dicom.write_series(modified, source, out, method="blur", tool_version=__version__,
                                uid_map=dicom.UIDMap(SECRET))

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from MRIDeIdentifyLib import cli
+from MRIDeIdentifyLib.reader import image_like
 from test_bad_input import error_lines, snapshot
 
 # What ITK and the libraries say about themselves, never about the user's file.
@@ -148,8 +149,7 @@ def brain_mask(head_path: Path, tmp_path_factory) -> Path:
     size = np.array(head.GetSize())[::-1]
     k, j, i = np.indices(size)
     ball = ((k - size[0] / 2) ** 2 + (j - size[1] / 2) ** 2 + (i - size[2] / 2) ** 2) < (size.min() / 4) ** 2
-    mask = sitk.GetImageFromArray(ball.astype(np.uint8))
-    mask.CopyInformation(head)
+    mask = image_like(ball.astype(np.uint8), head)
     path = tmp_path_factory.mktemp("mask") / "brain.nii.gz"
     sitk.WriteImage(mask, str(path))
     return path

@@ -93,13 +93,11 @@ def test_exactness_catches_a_changed_brain_voxel_and_a_moved_grid(s06):
     brain[40:60, 50:80, 50:80] = True
     changed = array.copy()
     changed[~brain] = 0
-    output = sitk.GetImageFromArray(changed)
-    output.CopyInformation(image)
+    output = image_like(changed, image)
     assert exactness(image, output, brain) == {"grid_equal": True, "brain_exact": True,
                                                "changed_fraction": pytest.approx(np.mean(changed != array))}
     changed[50, 60, 60] += 1
-    tampered = sitk.GetImageFromArray(changed)
-    tampered.CopyInformation(image)
+    tampered = image_like(changed, image)
     assert exactness(image, tampered, brain)["brain_exact"] is False
     output.SetOrigin(np.add(image.GetOrigin(), 0.5).tolist())
     assert exactness(image, output, brain)["grid_equal"] is False
@@ -120,8 +118,7 @@ def test_fidelity_same_scan_agrees_and_a_stripped_head_drifts(s06):
     head = array > render.skin_threshold(image)
     from scipy import ndimage
     stripped = np.where(ndimage.binary_erosion(head, iterations=8), array, 0).astype(array.dtype)
-    scalp_gone = sitk.GetImageFromArray(stripped)
-    scalp_gone.CopyInformation(image)
+    scalp_gone = image_like(stripped, image)
     drift = fidelity.compare(original, fidelity.analyse(scalp_gone, spacing_mm=4.0))
     # Without scalp the whole-head registration drifts, or Atropos gives up: either is what the report flags.
     assert drift["failed"] == 1.0 or drift["dice_brain"] < again["dice_brain"] - 0.01
