@@ -27,6 +27,8 @@ from scipy.spatial import ConvexHull, QhullError
 # (K = 8: 0.32 s for Z, 0.7 s for the whole transform), so K = 8 makes Z a usable probability map well
 # inside the stage's 2-3 s budget; 16 would double the cost for a quarter less error.
 DEFAULT_ROTATIONS = 8
+# Hull facets whose half-spaces carve c(x) (the paper's ~100).
+DEFAULT_FACETS = 100
 
 # Voxel centres lying exactly on a hull plane belong to the hull; this absorbs float64 rounding only.
 _PLANE_TOLERANCE = 1e-6
@@ -154,7 +156,7 @@ def _hit_voxels(hits: torch.Tensor, depth: torch.Tensor, axis: int) -> torch.Ten
 
 
 def convex_hull_mask(
-    z: torch.Tensor, facets: int = 100, generator: torch.Generator | None = None
+    z: torch.Tensor, facets: int = DEFAULT_FACETS, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """c(x): bool KJI volume (same shape and device as ``z``), ones carved by ``facets`` random hull planes.
 
@@ -232,7 +234,7 @@ def privacy_transform(
     threshold: float,
     *,
     rotations: int = DEFAULT_ROTATIONS,
-    facets: int = 100,
+    facets: int = DEFAULT_FACETS,
     seed: int = 0,
 ) -> torch.Tensor:
     """gamma(x): float32 (3, S, S, S) = [c(x), b(x), b(x) * x] on the device of ``volume``.
