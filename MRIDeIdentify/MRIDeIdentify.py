@@ -30,9 +30,6 @@ from MRIDeIdentifySlicer.childprocess import ChildRun
 from MRIDeIdentifySlicer.messages import inPanelTerms
 from MRIDeIdentifySlicer.views import BeforeAfterViews
 
-# What the panel offers, in the order shown: (parameter value, label). "cuda" is the GPU: the engine never picks
-# MPS on its own because some of its 3-D operators are missing there.
-DEVICES: Tuple[Tuple[str, str], ...] = (("auto", "Auto (GPU if available)"), ("cuda", "GPU (CUDA)"), ("cpu", "CPU"))
 DEFAULT_METHOD = "remodel"
 DEFAULT_MARGIN_MM = 3.0
 # The privacy transform's defaults (MRIDeIdentifyLib/privacy.py); a test keeps them equal.
@@ -93,7 +90,7 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.logic = MRIDeIdentifyLogic()
 
-        for value, label in DEVICES:
+        for value, label in self.logic.availableDevices():
             self.ui.deviceComboBox.addItem(label, value)
         self._populateMethods()
 
@@ -407,6 +404,14 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
         return f"{inputVolumeNode.GetName()} deidentified"
 
     @staticmethod
+    def availableDevices() -> List[Tuple[str, str]]:
+        """(value, label) of the engine's device choices, in its order (``devices.py`` imports no torch, so the
+        panel fills before torch is installed)."""
+        from MRIDeIdentifyLib.devices import DEVICE_LABELS
+
+        return list(DEVICE_LABELS.items())
+
+    @staticmethod
     def availableMethods() -> List[Tuple[str, str]]:
         """(name, summary) of the engine's methods, the default first; only the default while torch is missing."""
         try:
@@ -614,7 +619,7 @@ class MRIDeIdentifyTest(ScriptedLoadableModuleTest):
     def test_panel(self):
         """The panel opens: its lists are filled and De-identify waits for an input volume."""
         widget = slicer.modules.mrideidentify.widgetRepresentation().self()
-        self.assertEqual(widget.ui.deviceComboBox.count, len(DEVICES))
+        self.assertEqual(widget.ui.deviceComboBox.count, len(MRIDeIdentifyLogic.availableDevices()))
         self.assertGreaterEqual(widget.ui.methodComboBox.count, 1)
         self.assertFalse(widget.ui.applyButton.enabled)
         self.delayDisplay("Panel checks passed")

@@ -155,7 +155,7 @@ def draw_panel(path: Path = PANEL, head: Path = AVERAGE_HEAD, out_dir: Path = RE
     methods.setCurrentIndex(methods.findData(state["method"]))
     panel.findChild(QLabel, "methodDescriptionLabel").setText(dict(available)[state["method"]])
     devices = panel.findChild(QComboBox, "deviceComboBox")
-    for value, label in module.DEVICES:
+    for value, label in module.MRIDeIdentifyLogic.availableDevices():
         devices.addItem(label, value)
     devices.setCurrentIndex(devices.findData("cpu"))
     for selector, name in (("inputVolumeSelector", state["input"]), ("outputVolumeSelector", state["output"])):

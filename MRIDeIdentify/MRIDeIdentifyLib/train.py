@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .augment import augment
+from .devices import DEVICE_CHOICES, resolve_device
+from .errors import PROG, OneLineParser
 from .model import (Discriminator, Generator, ModelConfig, blend, discriminator_loss, gamma_pyramid,
                     generator_loss, noise, pyramid, save_generator)
 
@@ -340,7 +342,7 @@ def phase_summary(state: dict) -> dict:
 
 def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespace]:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="mri-deidentify train", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=f"{PROG} train", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=False, default="", help="folder or BIDS dataset of head scans")
     parser.add_argument("--out", default=defaults.out, help="run folder: cache, TensorBoard events, checkpoint")
     parser.add_argument("--checkpoint", default="", help="checkpoint file (default OUT/checkpoint.pt)")
@@ -358,8 +360,11 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespa
             parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
                                 default=getattr(defaults, f.name))
         else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name),
+                                choices=DEVICE_CHOICES if f.name == "device" else None)
     args = parser.parse_args(argv)
+    if not args.data and not args.export:
+        parser.error("--data is required for training")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     values["exclude"] = tuple(args.exclude)
     values["betas"] = tuple(args.betas)
@@ -372,14 +377,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.export:
         print(export(checkpoint_path, Path(args.export)))
         return 0
-    if not config.data:
-        raise SystemExit("--data is required for training")
 
     # torchrun sets these; a plain run is rank 0 of 1.
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    from .devices import resolve_device
     device = resolve_device(config.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

@@ -13,7 +13,6 @@ import functools
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
 import SimpleITK as sitk
 import torch
 from scipy import ndimage

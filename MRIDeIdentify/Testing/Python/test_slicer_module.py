@@ -867,12 +867,13 @@ print("SELF-TEST OK")
 
 def test_panel_defaults_equal_the_engine_defaults(module):
     from MRIDeIdentifyLib import pipeline, privacy
+    from MRIDeIdentifyLib.devices import DEVICE_CHOICES
     from MRIDeIdentifyLib.methods import METHODS, default_method
 
     assert module.DEFAULT_ROTATIONS == privacy.DEFAULT_ROTATIONS
     assert module.DEFAULT_FACETS == inspect.signature(privacy.privacy_transform).parameters["facets"].default
     assert module.DEFAULT_MARGIN_MM == pipeline.DEFAULT_MARGIN_MM
-    assert [value for value, _ in module.DEVICES] == ["auto", "cuda", "cpu"]
+    assert [value for value, _ in module.MRIDeIdentifyLogic.availableDevices()] == list(DEVICE_CHOICES)
     names = [name for name, _ in module.MRIDeIdentifyLogic.availableMethods()]
     assert sorted(names) == sorted(METHODS) and "blur" in names
     if default_method() is not None:

@@ -29,7 +29,7 @@ INDEX_ENTRY = REPO / "MRIDeIdentify.json"
 # Modules Slicer's own Python ships (5.8 and later): the engine may import them without an install step.
 SLICER_BUNDLED = {"numpy", "scipy", "SimpleITK", "vtk", "PIL", "pydicom"}
 # Lazy imports on paths the Slicer Logic never takes (it passes images, never file paths).
-NOT_REACHED_FROM_SLICER = {("dicom.py", "dicomanonymizer"): "writes de-identified DICOM series"}
+NOT_REACHED_FROM_SLICER = {("confidentiality.py", "dicomanonymizer"): "writes de-identified DICOM series"}
 # Fields of Slicer's catalog-entry schema v1.0.1 (Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json).
 INDEX_REQUIRED = {"$schema", "category", "scm_url"}
 INDEX_ALLOWED = INDEX_REQUIRED | {"scm_revision", "scm_type", "build_dependencies", "build_subdirectory", "enabled",
