@@ -89,7 +89,7 @@ def fill_holes(mask: np.ndarray, within_slices_of: int | None = None) -> np.ndar
 
 def erode(mask: np.ndarray) -> np.ndarray:
     """One 6-neighbour erosion of a 3-D bool mask, outside the array counting as background: what
-    ``scipy.ndimage.binary_erosion(mask)`` returns, by slicing instead of a structuring-element scan (~4x faster)."""
+    ``scipy.ndimage.binary_erosion(mask)`` returns, by slicing instead of a structuring-element scan (~9x faster)."""
     eroded = mask.copy()
     for axis in range(3):
         low, high = _shifted(axis, 1), _shifted(axis, -1)
@@ -104,7 +104,7 @@ def erode(mask: np.ndarray) -> np.ndarray:
 
 def dilate(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
     """``iterations`` 6-neighbour dilations of a 3-D bool mask: what ``scipy.ndimage.binary_dilation(mask,
-    iterations=iterations)`` returns (the voxels within that many face steps of the mask), ~4x faster."""
+    iterations=iterations)`` returns (the voxels within that many face steps of the mask), 3-8x faster."""
     grown = mask.copy()
     for _ in range(iterations):
         previous = grown.copy()
