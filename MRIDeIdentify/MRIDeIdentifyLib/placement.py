@@ -221,9 +221,11 @@ def _signed_distance(mask: np.ndarray, spacing: float) -> np.ndarray:
                                                                squaredDistance=False, useImageSpacing=True))
 
 
-# Skin kept at least this far outside the (dilated) brain mask: scalp, skull and CSF are never thinner than this,
-# and a face-prior skin that cut closer would leave copied brain-margin voxels at the surface.
-_MIN_SCALP_MM = 6.0
+# Skin kept at least this far outside the (dilated) brain mask: scalp, skull and CSF are rarely thinner, and a
+# face-prior skin that cut closer would let the copied brain margin (which keeps the input's own dark bone and CSF)
+# cut through the skin layer (skin.SKIN_LAYER_MM plus the rim): seen as craters on foreheads at 6 mm.
+_MIN_SCALP_MM = 9.0
+_UNION_MM = 8.0
 
 
 def identity_rng(seed: int, brain_values: np.ndarray) -> np.random.Generator:
@@ -251,14 +253,18 @@ def skin_distance(prior: FacePrior, vertices: np.ndarray, reference: sitk.Image,
     grid.CopyInformation(reference)
     scalp = sitk.GetArrayFromImage(sitk.Resample(brain_distance, grid, sitk.Transform(), sitk.sitkLinear,
                                                  DEFAULT_CLIP_MM, sitk.sitkFloat32)) - _MIN_SCALP_MM
-    return np.minimum(surface, scalp)
+    # A smooth union: where the prior's skin comes closer to the brain than a minimal scalp, the head swells
+    # into a rounded bulge instead of a plateau with the brain mask's outline.
+    blend = np.clip(_UNION_MM - np.abs(surface - scalp), 0.0, None) / _UNION_MM
+    return (np.minimum(surface, scalp) - blend * blend * _UNION_MM / 4.0).astype(np.float32)
 
 
 def brain_distance(gamma: np.ndarray, grid: ModelGrid) -> sitk.Image:
-    """The dilated brain's signed distance (mm, negative inside) on the cube, as an image with its geometry."""
+    """The dilated brain's signed distance (mm, negative inside) on the cube, as an image with its geometry,
+    smoothed over a cube voxel so that the brain mask's 4 mm steps do not reach the skin."""
     image = sitk.GetImageFromArray(_signed_distance(gamma[1] > 0.5, grid.spacing).astype(np.float32))
     image.CopyInformation(grid.reference())
-    return image
+    return sitk.SmoothingRecursiveGaussian(image, grid.spacing)
 
 
 def draw_face(prior: FacePrior, seed: int, brain_values: np.ndarray, gamma: np.ndarray, grid: ModelGrid,
@@ -288,7 +294,8 @@ def native_skin(prior: FacePrior, vertices: np.ndarray, image: sitk.Image, brain
     skin layer and clipped just beyond them, which is all the native output needs."""
     from .skin import RIM_VOXELS, SKIN_LAYER_MM
 
-    clip = max(2.0 * _NATIVE_SKIN_SPACING_MM, RIM_VOXELS * float(max(image.GetSpacing())), SKIN_LAYER_MM[1])
+    rim = RIM_VOXELS * float(max(image.GetSpacing()))
+    clip = max(2.0 * _NATIVE_SKIN_SPACING_MM, rim + SKIN_LAYER_MM[1])
     return skin_distance(prior, vertices, image, brain_distance, spacing_mm=_NATIVE_SKIN_SPACING_MM, clip_mm=clip)
 
 

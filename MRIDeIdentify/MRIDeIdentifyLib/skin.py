@@ -162,9 +162,12 @@ def draw_skin(values: np.ndarray, distance: np.ndarray, spacing: Tuple[float, ..
     mm, same grid; ``spacing`` in mm): at least ``tissue`` in the skin layer under the surface, then faded into
     ``air`` across a linear partial-volume rim RIM_VOXELS native voxels wide centred on the surface."""
     depth = -distance
-    layer = np.clip((SKIN_LAYER_MM[1] - depth) / (SKIN_LAYER_MM[1] - SKIN_LAYER_MM[0]), 0.0, 1.0)
-    np.maximum(values, air + layer * (tissue - air), out=values)
     rim = RIM_VOXELS * float(max(spacing))
+    # The layer is full to at least the rim's inner edge, so the skin reaches the tissue level on coarse grids too.
+    full = max(SKIN_LAYER_MM[0], rim)
+    layer = np.clip((full + SKIN_LAYER_MM[1] - SKIN_LAYER_MM[0] - depth) / (SKIN_LAYER_MM[1] - SKIN_LAYER_MM[0]),
+                    0.0, 1.0)
+    np.maximum(values, air + layer * (tissue - air), out=values)
     weight = np.clip(0.5 - distance / rim, 0.0, 1.0)
     values -= air
     values *= weight
