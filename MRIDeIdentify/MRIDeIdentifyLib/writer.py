@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,12 +23,15 @@ from .reader import format_of, ras_affine
 class OutputSet:
     """Files bound for one or more folders, staged in hidden temporary folders beside their destinations.
 
-    Use as a context manager: on success every staged entry replaces its namesake in its destination folder;
-    on an exception every staging folder is removed and no destination is touched.
+    Use as a context manager: on success every staged entry replaces its namesake in its destination folder,
+    each by one atomic rename, in the reverse order of the :meth:`path` calls: the first path asked for (the
+    main output) appears last, so whoever sees it (a resumed batch, another shard) sees the whole set. On an
+    exception every staging folder is removed and no destination is touched.
     """
 
     def __init__(self) -> None:
         self._staging: Dict[Path, Path] = {}
+        self._entries: List[Path] = []
 
     def path(self, destination: Path) -> Path:
         """Where to write the file (or folder) that must end up at ``destination``."""
@@ -36,6 +39,7 @@ class OutputSet:
         if folder not in self._staging:
             folder.mkdir(parents=True, exist_ok=True)
             self._staging[folder] = Path(tempfile.mkdtemp(prefix=".mrideidentify-", dir=folder))
+        self._entries.append(folder / destination.name)
         return self._staging[folder] / destination.name
 
     def __enter__(self) -> "OutputSet":
@@ -44,12 +48,16 @@ class OutputSet:
     def __exit__(self, kind, error, trace) -> None:
         try:
             if kind is None:
-                for folder, staging in self._staging.items():
-                    for entry in sorted(staging.iterdir()):
-                        target = folder / entry.name
-                        if target.is_dir() and not target.is_symlink():
-                            shutil.rmtree(target)
-                        os.replace(entry, target)
+                # Files a writer adds beside the one asked for (the .raw of an .mhd) go before it.
+                extra = [folder / entry.name for folder, staging in self._staging.items()
+                         for entry in sorted(staging.iterdir()) if folder / entry.name not in self._entries]
+                for target in extra + self._entries[::-1]:
+                    entry = self._staging[target.parent] / target.name
+                    if not os.path.lexists(entry):
+                        continue   # asked for twice, or not written after all
+                    if target.is_dir() and not target.is_symlink():
+                        shutil.rmtree(target)
+                    os.replace(entry, target)
         finally:
             for staging in self._staging.values():
                 shutil.rmtree(staging, ignore_errors=True)

@@ -18,7 +18,8 @@ from scipy import ndimage
 from ..errors import InputError
 from ..headmask import head_mask, head_threshold
 from ..model import Generator, ModelConfig, gamma_pyramid, load_generator, noise
-from ..privacy import DEFAULT_ROTATIONS, privacy_transform
+from ..privacy import privacy_transform
+from ..settings import DEFAULT_FACETS, DEFAULT_ROTATIONS
 from . import MethodContext, MethodOutput, register
 
 
@@ -84,7 +85,7 @@ def run(ctx: MethodContext) -> MethodOutput:
         threshold = float(grid.intensity.normalise(ctx.threshold))
         gamma = privacy_transform(volume, brain, threshold, seed=ctx.seed,
                                   rotations=int(ctx.options.get("rotations", DEFAULT_ROTATIONS)),
-                                  facets=int(ctx.options.get("facets", 100)))
+                                  facets=int(ctx.options.get("facets", DEFAULT_FACETS)))
 
     with ctx.stage("generator"):
         # A CPU generator: the same seed gives the same noise and pooling draws on any device.
