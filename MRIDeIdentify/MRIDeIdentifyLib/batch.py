@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -83,14 +84,48 @@ def thread_budget() -> int:
 
 
 def available_memory_gb() -> Optional[float]:
-    """Memory the OS can give without swapping (Linux ``MemAvailable``), in GB; None where unknown."""
+    """Memory this process may still take, in GB: the OS's ``MemAvailable`` (Linux), or less where the process's
+    cgroup (a SLURM allocation, a container) has a lower limit; None where unknown."""
+    limits = [v for v in (_meminfo_available(), _cgroup_room()) if v is not None]
+    return min(limits) / 1024 ** 3 if limits else None
+
+
+def _meminfo_available() -> Optional[int]:
     try:
         with open("/proc/meminfo", encoding="ascii") as stream:
             for line in stream:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024 ** 2
-    except OSError:
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
         pass
+    return None
+
+
+# cgroup v1 writes "no limit" as the largest page-aligned 64-bit number.
+_NO_LIMIT = 1 << 60
+
+
+def _cgroup_room() -> Optional[int]:
+    """Bytes left under this process's cgroup memory limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``)."""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as stream:
+            lines = [line.strip().split(":", 2) for line in stream]
+    except OSError:
+        return None
+    for _, controllers, path in lines:
+        if controllers == "":
+            folder, limit_file, usage_file = Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):
+            folder = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            limit_file, usage_file = "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        try:
+            limit = int((folder / limit_file).read_text())
+            if limit < _NO_LIMIT:
+                return limit - int((folder / usage_file).read_text())
+        except (OSError, ValueError):   # "max" (v2's no limit), or the file is not visible from here
+            pass
     return None
 
 
@@ -130,8 +165,10 @@ def write_dataset_description(output: Path, settings: Settings) -> None:
     target = output / "dataset_description.json"
     text = json.dumps(dataset_description(settings), indent=2) + "\n"
     output.mkdir(parents=True, exist_ok=True)
-    staged = output / f".dataset_description.{os.getpid()}.json"
-    staged.write_text(text, encoding="utf-8")
+    handle, name = tempfile.mkstemp(prefix=".dataset_description.", dir=output)
+    staged = Path(name)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        stream.write(text)
     try:
         os.link(staged, target)
     except FileExistsError:
