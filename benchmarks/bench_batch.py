@@ -122,7 +122,8 @@ def main() -> int:
     parser.add_argument("--heads", nargs="+", default=list(DEFAULT_HEADS), help="shared head file names")
     parser.add_argument("--scans", type=int, help="scans per --jobs case (default 16; --quick 4)")
     parser.add_argument("--curve", type=int, help="scans of the memory curve (default 100; --quick 20; 0 = skip)")
-    parser.add_argument("--jobs", type=int, nargs="*", default=[1, 2], help="--jobs values to compare (none: curve only)")
+    parser.add_argument("--jobs", type=int, nargs="*", default=[1, 2],
+                        help="--jobs values to compare (none: the curve only)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for the whole batch (OMP_NUM_THREADS)")
     args = parser.parse_args()
     scans = args.scans or (4 if args.quick else 16)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -211,7 +213,8 @@ def run_batch(root: Path, output: Path, settings: Settings, *, qa: Optional[Path
               shard: Optional[str] = None, jobs: Optional[int] = 1, participants: Sequence[str] = (),
               sessions: Sequence[str] = ()) -> int:
     """The ``batch`` command. ``jobs``: worker processes (None = auto). Exit 0 when every scan succeeded or was
-    already done; 1 when any failed; InputError (exit 2) before any work for unusable arguments."""
+    already done; 1 when any failed; 130 when interrupted (Ctrl-C, SIGTERM); InputError (exit 2) before any
+    work for unusable arguments."""
     tasks, bids, skipped_images = plan(root, output, participants, sessions, shard, qa)
     if not tasks:
         raise InputError(f"{root}: no scans found (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM folders"
@@ -230,16 +233,23 @@ def run_batch(root: Path, output: Path, settings: Settings, *, qa: Optional[Path
     failures: List[Tuple[str, str]] = []
     bar = tqdm(total=len(tasks), initial=counts["skipped"], desc="de-identifying", unit="scan", file=sys.stderr,
                disable=None)
-    for task, status, reason in _results(pending, settings, dicom_run, workers):
-        counts[status] += 1
-        bar.update()
-        bar.set_postfix_str(task.described)
-        if status == "failed":
-            failures.append((task.described, reason))
-            tqdm.write(f"{PROG}: {task.described}: {reason}", file=sys.stderr)
+    interrupted = False
+    try:
+        with _sigterm_interrupts():
+            for task, status, reason in _results(pending, settings, dicom_run, workers):
+                counts[status] += 1
+                bar.update()
+                bar.set_postfix_str(task.described)
+                if status == "failed":
+                    failures.append((task.described, reason))
+                    tqdm.write(f"{PROG}: {task.described}: {reason}", file=sys.stderr)
+    except KeyboardInterrupt:
+        interrupted = True
     bar.close()
     line = f"{PROG}: batch: {counts['done']} de-identified, {counts['skipped']} already done, " \
            f"{counts['failed']} failed (of {len(tasks)} scans)"
+    if interrupted:
+        line += "; interrupted: the scans in progress left nothing, a rerun finishes the rest"
     if workers > 1:
         line += f"; {workers} worker processes"
     if skipped_images:
@@ -247,7 +257,7 @@ def run_batch(root: Path, output: Path, settings: Settings, *, qa: Optional[Path
     print(line, file=sys.stderr)
     for described, reason in failures:
         print(f"  failed: {described}: {reason}", file=sys.stderr)
-    return 1 if failures else 0
+    return 130 if interrupted else 1 if failures else 0
 
 
 def _results(tasks: List[Task], settings: Settings, dicom_run: Optional[DicomRun],
@@ -311,6 +321,24 @@ def _environment(**values: str) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit or scancel) stops the batch as Ctrl-C does, so the scan in progress
+    removes its staged files instead of leaving them in the output folder."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # What each worker process keeps between its tasks (set once by _start_worker).
 _WORKER: Dict[str, Any] = {}
 
@@ -319,6 +347,7 @@ def _start_worker(settings: Settings, dicom_run: Optional[DicomRun], threads: in
     """Give the worker its share of the CPU threads and load its models once, before its first scan."""
     import SimpleITK as sitk
     import torch
+    signal.signal(signal.SIGTERM, _interrupt)
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     check_method(settings)

@@ -13,8 +13,10 @@ import hashlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -127,3 +129,30 @@ def test_two_worker_processes_equal_one_batch_and_report_a_failure(dataset, refe
     assert summaries(run.stderr) == [(3, 0, 1, 4)] and "2 worker processes" in run.stderr
     assert f"mri-deidentify: {BROKEN}: " in run.stderr and f"failed: {BROKEN}: " in run.stderr
     assert contents(out) == {name: value for name, value in reference.items() if not name.startswith("sub-04")}
+
+
+def test_a_terminated_batch_leaves_nothing_partial_and_a_rerun_finishes(dataset, reference, tmp_path):
+    """SIGTERM (a SLURM time limit, scancel) while a scan is being written: that scan's staged files go, the
+    finished ones stay complete, and a rerun of the same command finishes the dataset as one plain batch."""
+    bids, mask = dataset
+    out, qa = tmp_path / "out", tmp_path / "qa"
+    command = [sys.executable, "-m", "MRIDeIdentifyLib", "batch", str(bids), str(out), "--method", "blur",
+               "--brain-mask", str(mask)]
+    # --qa makes the write phase seconds long (offscreen renders), so the staging folder is there to be caught.
+    child = subprocess.Popen(command + ["--qa", str(qa)], env=environment(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("sub-*/**/.mrideidentify-*")):
+        assert child.poll() is None and time.monotonic() < deadline, "no scan was caught while being written"
+        time.sleep(0.01)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 130 and "interrupted" in err, err
+    for folder in (out, qa):
+        assert not list(folder.rglob(".mrideidentify-*")), "staged files were left behind"
+    images = [p for p in out.rglob("*_T1w.*") if not p.name.endswith(".json")]
+    assert len(images) < 4 and all(p.with_name(p.name.split(".")[0] + ".json").is_file() for p in images)
+
+    rerun = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and summaries(rerun.stderr) == [(4 - len(images), len(images), 0, 4)], rerun.stderr
+    assert contents(out) == reference
