@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # torch >= 2.1, so GPU users keep their CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: env demo test test-all bench clean
+.PHONY: env demo lint test test-all bench clean
 
 env: $(STAMP)
 
@@ -26,7 +26,12 @@ $(STAMP): pyproject.toml Makefile
 demo: env
 	$(VENV)/bin/mri-deidentify demo demo-output
 
-test: env
+# Lint: ruff on the engine, the module, tests, benchmarks and scripts; mypy on the engine (pyproject.toml).
+lint: env
+	$(VENV)/bin/ruff check MRIDeIdentify benchmarks scripts
+	$(VENV)/bin/mypy
+
+test: env lint
 	VTK_DEFAULT_OPENGL_WINDOW=vtkEGLRenderWindow $(PY) -m pytest -q -ra
 
 test-all: env

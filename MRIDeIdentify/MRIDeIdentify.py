@@ -1,14 +1,14 @@
 """3D Slicer module: de-identify a head MRI volume by remodeling everything outside the brain.
 
-Four classes in order: the module description, the Widget (the Qt panel, wiring only), the Logic (nodes to the
-engine's inputs and back, no Qt) and the Test (run inside the application). The work itself is done by the
-engine package ``MRIDeIdentifyLib`` beside this file, which knows nothing of Slicer.
+Four classes in order: the module description, the Widget (the Qt panel, wiring only), the Logic (the steps of a
+run in order, no Qt) and the Test (run inside the application). The work is done by the engine package
+``MRIDeIdentifyLib`` beside this file, which knows nothing of Slicer; ``MRIDeIdentifySlicer`` beside it holds the
+Slicer-side pieces the Logic uses (dependency installation, node <-> image conversion, the child process, the views).
 """
 from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
@@ -25,25 +25,18 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-# What the panel offers, in the order shown: (parameter value, label). "cuda" is the GPU: the engine never picks
-# MPS on its own because some of its 3-D operators are missing there.
-DEVICES: Tuple[Tuple[str, str], ...] = (("auto", "Auto (GPU if available)"), ("cuda", "GPU (CUDA)"), ("cpu", "CPU"))
+from MRIDeIdentifySlicer import dependencies, nodes
+from MRIDeIdentifySlicer.childprocess import ChildRun
+from MRIDeIdentifySlicer.messages import inPanelTerms
+from MRIDeIdentifySlicer.views import BeforeAfterViews
+
 DEFAULT_METHOD = "remodel"
 DEFAULT_MARGIN_MM = 3.0
 # The privacy transform's defaults (MRIDeIdentifyLib/privacy.py); a test keeps them equal.
 DEFAULT_ROTATIONS = 8
 DEFAULT_FACETS = 100
-MINIMUM_TORCH_VERSION = "2.1"
-# Python packages the engine needs beyond what Slicer ships (numpy, scipy, SimpleITK, vtk, Pillow) and torch:
-# (import name, pip arguments, what for). deepbet goes in without its dependencies, which pull a GUI toolkit;
-# the engine only loads its TorchScript weights.
-PIP_REQUIREMENTS: Tuple[Tuple[str, str, str], ...] = (
-    ("safetensors", "safetensors>=0.4", "reads the remodeling model's weights"),
-    ("deepbet", "deepbet --no-deps", "the learned brain extractor (its weights)"),
-    ("pydeface", "pydeface --no-deps", "the average head that 'reface' and 'deface' register to the subject"),
-    ("nibabel", "nibabel>=5.0", "image headers for the quickshear baseline"),
-    ("quickshear", "quickshear>=1.2", "the quickshear removal baseline"),
-)
+# How often the panel reads the child's progress (ms).
+POLL_INTERVAL_MS = 100
 
 
 #
@@ -84,7 +77,7 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._updatingGUIFromParameterNode = False
-        self._job = None
+        self._run: Optional[ChildRun] = None
         self._pollTimer = None
 
     def setup(self):
@@ -97,7 +90,7 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.logic = MRIDeIdentifyLogic()
 
-        for value, label in DEVICES:
+        for value, label in self.logic.availableDevices():
             self.ui.deviceComboBox.addItem(label, value)
         self._populateMethods()
 
@@ -135,7 +128,8 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.methodComboBox.blockSignals(wasBlocked)
 
     def cleanup(self):
-        self._abandonJob(resetPanel=False)
+        self._abandonRun()
+        self.logic.leaveBeforeAfter()
         self.removeObservers()
 
     def enter(self):
@@ -145,7 +139,8 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event):
-        self._abandonJob()
+        if self._abandonRun():
+            self.ui.statusLabel.text = "Cancelled: the scene was closed."
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -229,11 +224,11 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     @property
     def _running(self) -> bool:
-        return self._job is not None
+        return self._run is not None
 
-    def _setRunning(self, job) -> None:
-        self._job = job
-        running = job is not None
+    def _setRunning(self, run: Optional[ChildRun]) -> None:
+        self._run = run
+        running = run is not None
         self.ui.applyButton.text = "Cancel" if running else "De-identify"
         for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton,
                        self.ui.advancedCollapsibleButton, self.ui.outputsCollapsibleButton):
@@ -242,13 +237,20 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
         self.updateGUIFromParameterNode()
 
+    def _status(self, text: str) -> None:
+        """Show a step in the status line at once (before a long call blocks the event loop)."""
+        self.ui.statusLabel.text = text
+        slicer.app.processEvents()
+
     def onApplyButton(self):
         if self._running:
-            self._job.cancel()
-            self.ui.statusLabel.text = "Cancelling after the current step..."
+            self._abandonRun()
+            self.ui.statusLabel.text = "Cancelled: nothing was changed."
             return
-        with slicer.util.tryWithErrorDisplay("Could not install what MRIDeIdentify needs.", waitCursor=True):
-            if not self.logic.setupPythonRequirements(confirm=slicer.util.confirmOkCancelDisplay):
+        # No wait cursor around the question; the status line says what is being installed while it is.
+        with slicer.util.tryWithErrorDisplay("Could not install what MRIDeIdentify needs."):
+            if not self.logic.setupPythonRequirements(confirm=slicer.util.confirmOkCancelDisplay, status=self._status,
+                                                      busy=slicer.util.WaitCursor):
                 self.ui.statusLabel.text = "Not run: the required Python packages were not installed."
                 return
             self._populateMethods()
@@ -256,64 +258,71 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         p = self._parameterNode
         try:
-            job = self.logic.startProcess(
-                p.GetNodeReference("InputVolume"), p.GetNodeReference("OutputVolume"), p.GetParameter("Method"),
-                brainMaskNode=p.GetNodeReference("BrainMask"), marginMm=float(p.GetParameter("MarginMm")),
-                seed=int(p.GetParameter("Seed")), device=p.GetParameter("Device"),
-                modelPath=p.GetParameter("ModelPath"), rotations=int(p.GetParameter("Rotations")),
-                facets=int(p.GetParameter("Facets")),
-                outputBrainMaskNode=p.GetNodeReference("OutputBrainMask"),
-                outputFaceMaskNode=p.GetNodeReference("OutputFaceMask"))
+            with slicer.util.WaitCursor():
+                run = self.logic.startProcess(
+                    p.GetNodeReference("InputVolume"), p.GetNodeReference("OutputVolume"), p.GetParameter("Method"),
+                    brainMaskNode=p.GetNodeReference("BrainMask"), marginMm=float(p.GetParameter("MarginMm")),
+                    seed=int(p.GetParameter("Seed")), device=p.GetParameter("Device"),
+                    modelPath=p.GetParameter("ModelPath"), rotations=int(p.GetParameter("Rotations")),
+                    facets=int(p.GetParameter("Facets")),
+                    outputBrainMaskNode=p.GetNodeReference("OutputBrainMask"),
+                    outputFaceMaskNode=p.GetNodeReference("OutputFaceMask"))
         except Exception as error:
             self._showFailure(error)
             return
-        self._setRunning(job)
+        self._setRunning(run)
         self.ui.statusLabel.text = "Running..."
-        # The engine works in a thread; the GUI thread only looks at its progress a few times a second.
+        # The engine runs in a child process; the panel reads its progress ten times a second.
         self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(100)
-        self._pollTimer.connect("timeout()", self._pollJob)
+        self._pollTimer.setInterval(POLL_INTERVAL_MS)
+        self._pollTimer.connect("timeout()", self._pollRun)
         self._pollTimer.start()
 
-    def _pollJob(self):
-        job = self._job
-        if job is None:
+    def _pollRun(self):
+        run = self._run
+        if run is None:
             return
-        self.ui.progressBar.value = int(round(100 * job.fraction))
-        self.ui.progressBar.format = f"{job.stage}: %p%"
-        if not job.done():
+        run.poll()
+        self.ui.progressBar.value = int(round(100 * run.fraction))
+        self.ui.progressBar.format = f"{run.stage}: %p%"
+        if not run.finished():
             return
         self._pollTimer.stop()
         self._setRunning(None)
         from MRIDeIdentifyLib.errors import Cancelled
 
         try:
-            outcome = self.logic.finishProcess(job)
+            with slicer.util.WaitCursor():
+                outcome = self.logic.finishProcess(run)
         except Cancelled:
             self.ui.statusLabel.text = "Cancelled: nothing was changed."
             return
         except Exception as error:
-            self._showFailure(error, job.traceback)
+            self._showFailure(error)
             return
         self._parameterNode.SetNodeReferenceID("OutputVolume", outcome.outputVolumeNode.GetID())
         slicer.util.setSliceViewerLayers(background=outcome.outputVolumeNode, fit=True)
         self.ui.statusLabel.text = f"Done in {outcome.seconds:.1f} s on {outcome.device} ({outcome.method})."
 
-    def _showFailure(self, error: Exception, details: str = "") -> None:
-        logging.error("MRIDeIdentify failed: %s\n%s", error, details or _traceback())
-        self.ui.statusLabel.text = f"Failed: {error}"
-        slicer.util.errorDisplay(f"De-identification failed:\n{error}", detailedText=details or _traceback())
+    def _showFailure(self, error: Exception) -> None:
+        import traceback
 
-    def _abandonJob(self, resetPanel: bool = True) -> None:
-        """Stop polling and ask a running job to stop: its result is not wanted (module or scene closing)."""
+        # A failure in the child carries the child's traceback after a blank line: details, not the message.
+        message, _, childDetails = inPanelTerms(str(error)).partition("\n\n")
+        details = childDetails + "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        logging.error("MRIDeIdentify failed: %s\n%s", message, details)
+        self.ui.statusLabel.text = f"Failed: {message}"
+        slicer.util.errorDisplay(f"De-identification failed:\n{message}", detailedText=details)
+
+    def _abandonRun(self) -> bool:
+        """End a running child at once (Cancel, scene or module closing): its result is not wanted. True if one ran."""
         if self._pollTimer is not None:
             self._pollTimer.stop()
-        if self._job is not None:
-            self._job.cancel()
-            if resetPanel:
-                self._setRunning(None)
-                self.ui.statusLabel.text = "Cancelled: the scene was closed."
-            self._job = None
+        if self._run is None:
+            return False
+        self.logic.cancelProcess()
+        self._setRunning(None)
+        return True
 
     def onShowBeforeAfter(self):
         with slicer.util.tryWithErrorDisplay("Could not show the before/after renderings.", waitCursor=True):
@@ -330,89 +339,55 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = f"Saved {len(paths)} renderings; summary: {paths[-1]}"
 
 
-def _nodeIDs(scene) -> List[str]:
-    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
-
-
-def _traceback() -> str:
-    import traceback
-
-    return traceback.format_exc()
-
-
 #
 # MRIDeIdentifyLogic
 #
-
-
-class DeidentifyJob:
-    """The engine's work for one de-identification, run in a worker thread so that the application stays
-    responsive (the Widget polls it); :meth:`run` does the same work in the calling thread.
-
-    Only the engine runs in the thread: the input node is converted before and the output nodes are filled
-    after, in the main thread, because MRML and Qt are not thread-safe. ``stage``/``fraction`` are the last
-    progress report; :meth:`cancel` stops the engine at its next stage boundary.
-    """
-
-    def __init__(self, work: Callable, finish: Callable, progress: Optional[Callable[[str, float], None]] = None,
-                 cancel: Optional[Callable[[], bool]] = None):
-        self._work, self.finish, self._progress, self._cancel = work, finish, progress, cancel
-        self._cancelled = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-        self.stage, self.fraction = "starting", 0.0
-        self.result, self.error, self.traceback = None, None, ""
-        self.worker: Optional[int] = None   # ident of the thread that ran the engine
-
-    def _report(self, stage: str, fraction: float) -> None:
-        self.stage, self.fraction = stage, fraction
-        if self._progress is not None:
-            self._progress(stage, fraction)
-
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set() or (self._cancel is not None and bool(self._cancel()))
-
-    def run(self) -> None:
-        self.worker = threading.get_ident()
-        try:
-            self.result = self._work(self._report, self.cancelled)
-        except BaseException as error:  # handed to finishProcess, which raises it in the main thread
-            self.error, self.traceback = error, _traceback()
-
-    def start(self) -> "DeidentifyJob":
-        self._thread = threading.Thread(target=self.run, name="MRIDeIdentify", daemon=True)
-        self._thread.start()
-        return self
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    def done(self) -> bool:
-        return self._thread is None or not self._thread.is_alive()
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self.done()
 
 
 class ProcessOutcome(NamedTuple):
     outputVolumeNode: object
     method: str
     device: str
-    seconds: float
+    seconds: float           # from the click to the output nodes filled
     provenance: dict
+    startupSeconds: Optional[float] = None   # child process start to the engine imported in it (panel runs only)
+
+
+class _Request(NamedTuple):
+    """One de-identification as asked for, read from the nodes in the main thread."""
+
+    inputVolumeNode: object
+    outputVolumeNode: object
+    method: Optional[str]
+    image: object
+    brainMask: object
+    settings: dict           # pipeline.deidentify's keyword arguments (margin_mm, seed, device, options)
+    outputBrainMaskNode: object
+    outputFaceMaskNode: object
+    start: float
 
 
 class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
     """Nodes in, nodes out; the engine (``MRIDeIdentifyLib``) does the work. Usable from the Python console.
 
-    Geometry: Slicer nodes are RAS, the engine's SimpleITK images LPS; voxel arrays are KJI in both.
+    :meth:`process` runs the engine in this process (scripts); the panel uses :meth:`startProcess` /
+    :meth:`finishProcess`, which run it in a child process (``MRIDeIdentifySlicer.childprocess``). One run at a time.
     """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        # The application's volume rendering logic unless set (a headless scene brings its own).
-        self.volumeRenderingLogic = None
+        self.beforeAfter = BeforeAfterViews()
+        self._activeRun: Optional[ChildRun] = None
+        self._activeRequest: Optional[_Request] = None
+
+    @property
+    def volumeRenderingLogic(self):
+        """The application's volume rendering logic unless set (a headless scene brings its own)."""
+        return self.beforeAfter.volumeRenderingLogic
+
+    @volumeRenderingLogic.setter
+    def volumeRenderingLogic(self, logic) -> None:
+        self.beforeAfter.volumeRenderingLogic = logic
 
     # --- parameters and dependencies ---------------------------------------------------------------------------
 
@@ -429,6 +404,14 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
         return f"{inputVolumeNode.GetName()} deidentified"
 
     @staticmethod
+    def availableDevices() -> List[Tuple[str, str]]:
+        """(value, label) of the engine's device choices, in its order (``devices.py`` imports no torch, so the
+        panel fills before torch is installed)."""
+        from MRIDeIdentifyLib.devices import DEVICE_LABELS
+
+        return list(DEVICE_LABELS.items())
+
+    @staticmethod
     def availableMethods() -> List[Tuple[str, str]]:
         """(name, summary) of the engine's methods, the default first; only the default while torch is missing."""
         try:
@@ -442,185 +425,78 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def missingRequirements() -> List[str]:
-        """Human-readable names of what is not installed yet ("PyTorch" first)."""
-        import importlib.util
-
-        missing = [] if importlib.util.find_spec("torch") else ["PyTorch"]
-        return missing + [name for name, _, _ in PIP_REQUIREMENTS if importlib.util.find_spec(name) is None]
-
-    def setupPythonRequirements(self, confirm: Callable[[str], bool]) -> bool:
-        """Install what is missing after one ``confirm(message)``; False when the user declines.
-
-        torch comes from the PyTorch extension's PyTorchUtils (it picks a CUDA or CPU build for this computer);
-        the rest through ``slicer.util.pip_install``. Raises RuntimeError with the next step when an install fails.
-        """
-        missing = self.missingRequirements()
-        if not missing:
-            return True
-        reasons = {name: why for name, _, why in PIP_REQUIREMENTS}
-        reasons["PyTorch"] = "runs the models, on the GPU when there is one"
-        listing = "\n".join(f"- {name}: {reasons[name]}" for name in missing)
-        if not confirm("MRIDeIdentify needs these Python packages, which are not installed yet:\n"
-                       f"{listing}\n\nDownload and install them now (this can take several minutes)?"):
-            return False
-        if "PyTorch" in missing:
-            try:
-                import PyTorchUtils
-            except ModuleNotFoundError:
-                raise RuntimeError("MRIDeIdentify needs the PyTorch extension: install 'PyTorch' from the "
-                                   "Extensions Manager, restart Slicer and try again.")
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH_VERSION}")
-            if torch is None:
-                raise RuntimeError("PyTorch was not installed. Install it from the 'PyTorch Utils' module, then retry.")
-        for name, arguments, _ in PIP_REQUIREMENTS:
-            if name in missing:
-                try:
-                    slicer.util.pip_install(arguments)
-                except Exception as error:
-                    raise RuntimeError(f"Installing {name} failed ({error}). Check the network connection, or "
-                                       f"run in the Python console: slicer.util.pip_install('{arguments}')")
-        return True
-
-    # --- nodes <-> engine images -----------------------------------------------------------------------------
+        """What is not installed yet ("PyTorch" first)."""
+        return dependencies.missing()
 
     @staticmethod
-    def volumeNodeToImage(volumeNode):
-        """A SimpleITK image (LPS) with the node's voxels (copied, original type, KJI) and exact IJK->RAS geometry.
-
-        The node's parent transform is not applied: the output is placed under the same transform instead.
-        """
-        import SimpleITK as sitk
-
-        array = slicer.util.arrayFromVolume(volumeNode)
-        if array is None or array.ndim != 3:
-            raise ValueError(f"'{volumeNode.GetName()}' is not a 3-D scalar volume")
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-        directions = np.zeros((3, 3))
-        volumeNode.GetIJKToRASDirections(directions)
-        rasToLps = np.diag([-1.0, -1.0, 1.0])
-        image.SetOrigin(tuple(rasToLps @ np.asarray(volumeNode.GetOrigin(), float)))
-        image.SetSpacing(tuple(float(s) for s in volumeNode.GetSpacing()))
-        image.SetDirection(tuple((rasToLps @ directions).ravel()))
-        return image
-
-    @staticmethod
-    def _fillVolumeNode(volumeNode, image, referenceNode) -> None:
-        """Put ``image``'s voxels (KJI, copied) into ``volumeNode`` on ``referenceNode``'s exact grid."""
-        import SimpleITK as sitk
-
-        ijkToRas = vtk.vtkMatrix4x4()
-        referenceNode.GetIJKToRASMatrix(ijkToRas)
-        volumeNode.SetIJKToRASMatrix(ijkToRas)
-        slicer.util.updateVolumeFromArray(volumeNode, sitk.GetArrayFromImage(image))
-        volumeNode.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
-
-    @staticmethod
-    def _forgetIdentity(volumeNode) -> None:
-        """Detach a reused output node from any patient: DICOM attributes removed, subject hierarchy item moved to
-        the scene root (a DICOM export of it would otherwise take the patient and study of its parent folders)."""
-        for name in list(volumeNode.GetAttributeNames() or []):
-            if name.startswith("DICOM"):
-                volumeNode.RemoveAttribute(name)
-        shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volumeNode.GetScene())
-        item = shNode.GetItemByDataNode(volumeNode) if shNode else 0
-        if item:
-            shNode.SetItemParent(item, shNode.GetSceneItemID())
-
-    def _brainMaskImage(self, brainMaskNode, inputVolumeNode):
-        """The user's brain mask (labelmap or segmentation node) as a SimpleITK image, or None."""
-        if brainMaskNode is None:
-            return None
-        if brainMaskNode.GetTransformNodeID() != inputVolumeNode.GetTransformNodeID():
-            raise ValueError(f"The brain mask '{brainMaskNode.GetName()}' and the input volume are under different "
-                             "transforms: harden the transforms first.")
-        if brainMaskNode.IsA("vtkMRMLSegmentationNode"):
-            scene = inputVolumeNode.GetScene()
-            before = set(_nodeIDs(scene))
-            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__MRIDeIdentify_brain_mask__")
-            try:
-                if not slicer.vtkSlicerSegmentationsModuleLogic.ExportVisibleSegmentsToLabelmapNode(
-                        brainMaskNode, labelmap, inputVolumeNode):
-                    raise ValueError(f"The segmentation '{brainMaskNode.GetName()}' could not be exported as a mask.")
-                return self.volumeNodeToImage(labelmap)
-            finally:
-                # The export also adds a display node and a colour table: remove everything it added.
-                for nodeID in set(_nodeIDs(scene)) - before:
-                    node = scene.GetNodeByID(nodeID)
-                    if node is not None:
-                        scene.RemoveNode(node)
-        if brainMaskNode.IsA("vtkMRMLVolumeNode"):
-            return self.volumeNodeToImage(brainMaskNode)
-        raise ValueError(f"'{brainMaskNode.GetName()}' is neither a segmentation nor a labelmap volume.")
-
-    def _fillSegmentation(self, segmentationNode, mask, referenceNode, segmentName: str, color) -> None:
-        """Replace the segments of ``segmentationNode`` by one segment from ``mask`` (uint8 image, reference grid)."""
-        scene = referenceNode.GetScene()
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__MRIDeIdentify_mask__")
-        try:
-            self._fillVolumeNode(labelmap, mask, referenceNode)
-            segmentation = segmentationNode.GetSegmentation()
-            segmentation.RemoveAllSegments()
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceNode)
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap,
-                                                                                             segmentationNode):
-                raise RuntimeError(f"Could not write the mask into '{segmentationNode.GetName()}'.")
-            segment = segmentation.GetNthSegment(0)
-            if segment is not None:
-                segment.SetName(segmentName)
-                segment.SetColor(*color)
-            segmentationNode.SetAndObserveTransformNodeID(referenceNode.GetTransformNodeID())
-            if segmentationNode.GetDisplayNode() is None:
-                segmentationNode.CreateDefaultDisplayNodes()
-        finally:
-            scene.RemoveNode(labelmap)
+    def setupPythonRequirements(confirm: Callable[[str], bool], **options) -> bool:
+        """Install what is missing after one ``confirm(question)``; False when the user declines
+        (``MRIDeIdentifySlicer.dependencies.install``)."""
+        return dependencies.install(confirm, **options)
 
     # --- processing --------------------------------------------------------------------------------------------
 
     def process(self, inputVolumeNode, outputVolumeNode=None, method: Optional[str] = None, *,
-                brainMaskNode=None, marginMm: float = DEFAULT_MARGIN_MM, seed: int = 0, device: str = "auto",
-                modelPath: str = "", rotations: int = DEFAULT_ROTATIONS, facets: int = DEFAULT_FACETS,
-                outputBrainMaskNode=None, outputFaceMaskNode=None,
                 progress: Optional[Callable[[str, float], None]] = None,
-                cancel: Optional[Callable[[], bool]] = None) -> ProcessOutcome:
-        """De-identify ``inputVolumeNode`` into ``outputVolumeNode`` (created, named after the input, when None).
+                cancel: Optional[Callable[[], bool]] = None, **options) -> ProcessOutcome:
+        """De-identify ``inputVolumeNode`` into ``outputVolumeNode`` (created, named after the input, when None), the
+        engine running in this process. Options: ``brainMaskNode``, ``marginMm``, ``seed``, ``device``,
+        ``modelPath``, ``rotations``, ``facets``, ``outputBrainMaskNode``, ``outputFaceMaskNode``.
 
-        The output has the input's IJK->RAS geometry, parent transform and voxel type; inside the (dilated)
-        brain mask its voxels equal the input's. Nothing else of the input node is copied (no name, attributes,
-        DICOM references or subject hierarchy placement), so the output carries no identity. The optional
-        segmentation nodes receive the region copied exactly and the region remodeled.
-        Raises ValueError / MRIDeIdentifyLib.errors.InputError for unusable inputs (the message says what to do)
-        and MRIDeIdentifyLib.errors.Cancelled when ``cancel()`` returns True; the output node is then unchanged.
-        Runs in the calling thread; :meth:`startProcess` runs the engine in a worker thread instead.
+        The output has the input's IJK->RAS geometry, parent transform and voxel type; inside the (dilated) brain
+        mask its voxels equal the input's. Nothing else of the input node is copied (no name, attributes, DICOM
+        references or subject hierarchy placement), so the output carries no identity. The optional segmentation
+        nodes receive the region copied exactly and the region remodeled. Raises ValueError /
+        ``errors.InputError`` for unusable inputs and ``errors.Cancelled`` when ``cancel()`` returns True (the
+        output node is then unchanged).
         """
-        job = self._prepareJob(inputVolumeNode, outputVolumeNode, method, brainMaskNode=brainMaskNode,
-                               marginMm=marginMm, seed=seed, device=device, modelPath=modelPath,
-                               rotations=rotations, facets=facets, outputBrainMaskNode=outputBrainMaskNode,
-                               outputFaceMaskNode=outputFaceMaskNode, progress=progress, cancel=cancel)
-        job.run()
-        return self.finishProcess(job)
+        if self._activeRun is not None:
+            raise RuntimeError("A de-identification is already running: wait for it to finish or cancel it.")
+        request = self._prepare(inputVolumeNode, outputVolumeNode, method, **options)
+        from MRIDeIdentifyLib.pipeline import deidentify
+
+        result = deidentify(request.image, request.method, brain_mask=request.brainMask, progress=progress,
+                            cancel=cancel, **request.settings)
+        return self._fillOutputs(request, result)
 
     def startProcess(self, inputVolumeNode, outputVolumeNode=None, method: Optional[str] = None,
-                     **options) -> DeidentifyJob:
-        """:meth:`process` with the engine in a worker thread: returns the started job at once (input errors
-        are raised here). Poll ``job.done()``, then call :meth:`finishProcess` from the main thread."""
-        return self._prepareJob(inputVolumeNode, outputVolumeNode, method, **options).start()
+                     **options) -> ChildRun:
+        """:meth:`process` with the engine in a child process: checks the inputs (errors are raised here), writes
+        the input to temporary files and returns the started :class:`ChildRun` at once. Call its ``poll()`` from a
+        timer, then :meth:`finishProcess` once ``finished()``; :meth:`cancelProcess` ends it."""
+        if self._activeRun is not None:
+            raise RuntimeError("A de-identification is already running: wait for it to finish or cancel it.")
+        request = self._prepare(inputVolumeNode, outputVolumeNode, method, **options)
+        self._activeRun = ChildRun.start(request.image, request.method, request.settings, request.brainMask)
+        self._activeRequest = request
+        return self._activeRun
 
-    def finishProcess(self, job: DeidentifyJob) -> ProcessOutcome:
-        """Fill the output nodes from a finished job (main thread only); re-raises the job's error or Cancelled."""
-        if not job.done():
+    def finishProcess(self, run: ChildRun) -> ProcessOutcome:
+        """Fill the output nodes from a finished child (main thread); raises its error, or ``errors.Cancelled``."""
+        if run is not self._activeRun:
+            raise RuntimeError("This run was not started by this logic, or was already finished.")
+        if not run.finished():
             raise RuntimeError("The de-identification is still running.")
-        if job.error is not None:
-            raise job.error
-        return job.finish(job.result)
+        request = self._activeRequest
+        try:
+            outcome = self._fillOutputs(request, run.result())
+        finally:
+            self._activeRun = self._activeRequest = None
+            run.close()
+        return outcome._replace(startupSeconds=run.startupSeconds())
 
-    def _prepareJob(self, inputVolumeNode, outputVolumeNode=None, method: Optional[str] = None, *,
-                    brainMaskNode=None, marginMm: float = DEFAULT_MARGIN_MM, seed: int = 0, device: str = "auto",
-                    modelPath: str = "", rotations: int = DEFAULT_ROTATIONS, facets: int = DEFAULT_FACETS,
-                    outputBrainMaskNode=None, outputFaceMaskNode=None,
-                    progress: Optional[Callable[[str, float], None]] = None,
-                    cancel: Optional[Callable[[], bool]] = None) -> DeidentifyJob:
-        """Check the inputs and read the nodes (main thread); the job's work touches no node."""
+    def cancelProcess(self) -> None:
+        """End the running child at once; nothing is written."""
+        run, self._activeRun, self._activeRequest = self._activeRun, None, None
+        if run is not None:
+            run.cancel()
+            run.close()
+
+    def _prepare(self, inputVolumeNode, outputVolumeNode=None, method: Optional[str] = None, *,
+                 brainMaskNode=None, marginMm: float = DEFAULT_MARGIN_MM, seed: int = 0, device: str = "auto",
+                 modelPath: str = "", rotations: int = DEFAULT_ROTATIONS, facets: int = DEFAULT_FACETS,
+                 outputBrainMaskNode=None, outputFaceMaskNode=None) -> _Request:
+        """Check the inputs (before anything needs PyTorch) and read the nodes into the engine's images."""
         if inputVolumeNode is None:
             raise ValueError("Select an input volume.")
         if not inputVolumeNode.IsA("vtkMRMLScalarVolumeNode") or inputVolumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
@@ -630,128 +506,57 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
         if outputVolumeNode is not None and outputVolumeNode is inputVolumeNode:
             raise ValueError("Choose an output volume other than the input: the input is never overwritten.")
         from MRIDeIdentifyLib.methods import get_method
-        from MRIDeIdentifyLib.pipeline import deidentify
 
-        get_method(method or None)  # an unknown or uninstalled method fails at the click, not in the thread
         start = time.perf_counter()
-        image = self.volumeNodeToImage(inputVolumeNode)
-        brainMask = self._brainMaskImage(brainMaskNode, inputVolumeNode)
+        get_method(method or None)  # an unknown or uninstalled method fails at the click
         options = {"rotations": int(rotations), "facets": int(facets)}
         if modelPath:
             options["model"] = modelPath
+        settings = {"margin_mm": float(marginMm), "seed": int(seed), "device": device, "options": options}
+        return _Request(inputVolumeNode, outputVolumeNode, method, nodes.imageFromVolumeNode(inputVolumeNode),
+                        nodes.brainMaskImage(brainMaskNode, inputVolumeNode), settings, outputBrainMaskNode,
+                        outputFaceMaskNode, start)
 
-        def work(report, cancelled):
-            return deidentify(image, method, brain_mask=brainMask, margin_mm=float(marginMm), seed=int(seed),
-                              device=device, options=options, progress=report, cancel=cancelled)
-
-        def finish(result) -> ProcessOutcome:
-            return self._fillOutputs(result, image, inputVolumeNode, outputVolumeNode, method, start,
-                                     outputBrainMaskNode, outputFaceMaskNode)
-
-        return DeidentifyJob(work, finish, progress, cancel)
-
-    def _fillOutputs(self, result, image, inputVolumeNode, outputVolumeNode, method, start,
-                     outputBrainMaskNode, outputFaceMaskNode) -> ProcessOutcome:
-        if result.image.GetSize() != image.GetSize():
-            raise RuntimeError("The engine returned an image on another grid; the output was not written.")
+    def _fillOutputs(self, request: _Request, result) -> ProcessOutcome:
+        """The engine's result (``pipeline.Result`` or ``ChildResult``) into the output nodes (main thread)."""
+        inputVolumeNode, outputVolumeNode = request.inputVolumeNode, request.outputVolumeNode
         scene = inputVolumeNode.GetScene()
-        if outputVolumeNode is None:
+        created = outputVolumeNode is None
+        if created:
             outputVolumeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", self.outputName(inputVolumeNode))
-        self._fillVolumeNode(outputVolumeNode, result.image, inputVolumeNode)
-        self._forgetIdentity(outputVolumeNode)
+        try:
+            nodes.fillVolumeNode(outputVolumeNode, result.image, inputVolumeNode)
+        except Exception:
+            if created:
+                scene.RemoveNode(outputVolumeNode)
+            raise
+        nodes.forgetIdentity(outputVolumeNode)
         if outputVolumeNode.GetDisplayNode() is None:
             outputVolumeNode.CreateDefaultDisplayNodes()
         inputDisplay, outputDisplay = inputVolumeNode.GetDisplayNode(), outputVolumeNode.GetDisplayNode()
         if inputDisplay is not None and outputDisplay is not None:
             outputDisplay.SetAutoWindowLevel(False)
             outputDisplay.SetWindowLevel(inputDisplay.GetWindow(), inputDisplay.GetLevel())
-        if outputBrainMaskNode is not None:
-            self._fillSegmentation(outputBrainMaskNode, result.brain_mask, inputVolumeNode,
+        if request.outputBrainMaskNode is not None:
+            nodes.fillSegmentation(request.outputBrainMaskNode, result.brain_mask, inputVolumeNode,
                                    "brain (copied exactly)", (0.9, 0.8, 0.2))
-        if outputFaceMaskNode is not None:
-            self._fillSegmentation(outputFaceMaskNode, result.face_mask, inputVolumeNode,
+        if request.outputFaceMaskNode is not None:
+            nodes.fillSegmentation(request.outputFaceMaskNode, result.face_mask, inputVolumeNode,
                                    "face region (remodeled)", (0.3, 0.6, 0.9))
         provenance = dict(result.provenance)
-        return ProcessOutcome(outputVolumeNode, str(provenance.get("method", method)), str(result.device),
-                              time.perf_counter() - start, provenance)
+        return ProcessOutcome(outputVolumeNode, str(provenance.get("method", request.method)), str(result.device),
+                              time.perf_counter() - request.start, provenance)
 
     # --- checking the result -----------------------------------------------------------------------------------
 
-    def _volumeRenderingLogic(self):
-        return self.volumeRenderingLogic or slicer.modules.volumerendering.logic()
+    def showBeforeAfter(self, inputVolumeNode, outputVolumeNode) -> list:
+        """Dual 3-D layout: the input volume-rendered on the left, the output on the right, the same transfer
+        functions fitted to the input, cameras linked and on the face. Returns the two view nodes (left, right).
+        The views' previous linking comes back when the layout is changed (``MRIDeIdentifySlicer.views``)."""
+        return self.beforeAfter.show(inputVolumeNode, outputVolumeNode)
 
-    def showBeforeAfter(self, inputVolumeNode, outputVolumeNode, preset: str = "MR-Default") -> list:
-        """Dual 3-D layout: ``inputVolumeNode`` volume-rendered in the left view, ``outputVolumeNode`` in the right,
-        both with ``preset``, cameras linked and looking at the face. Returns the two view nodes (left, right)."""
-        if inputVolumeNode is None or outputVolumeNode is None:
-            raise ValueError("Select an input volume and a de-identified output volume first.")
-        scene = inputVolumeNode.GetScene()
-        layoutNode = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
-        if layoutNode is None:
-            raise RuntimeError("The scene has no layout node (no 3-D views to show the volumes in).")
-        # Creates the second 3-D view node when it does not exist yet, as the application's layout manager does.
-        layoutNode.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutDual3DView)
-        views = {}
-        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLViewNode")):
-            view = scene.GetNthNodeByClass(index, "vtkMRMLViewNode")
-            views[view.GetLayoutName()] = view
-        if "1" not in views or "2" not in views:
-            raise RuntimeError("The dual 3-D layout did not create its two 3-D views.")
-        left, right = views["1"], views["2"]
-
-        vrLogic = self._volumeRenderingLogic()
-        volumeProperty = vrLogic.GetPresetByName(preset)
-        if volumeProperty is None:
-            raise RuntimeError(f"The volume rendering preset '{preset}' was not found.")
-        for volumeNode, view in ((inputVolumeNode, left), (outputVolumeNode, right)):
-            for otherVolume in (inputVolumeNode, outputVolumeNode):
-                if otherVolume is not volumeNode:
-                    hidden = vrLogic.GetFirstVolumeRenderingDisplayNode(otherVolume)
-                    if hidden is not None:
-                        hidden.RemoveViewNodeID(view.GetID())
-            displayNode = vrLogic.GetFirstVolumeRenderingDisplayNode(volumeNode)
-            if displayNode is None:
-                displayNode = vrLogic.CreateDefaultVolumeRenderingNodes(volumeNode)
-            displayNode.GetVolumePropertyNode().Copy(volumeProperty)
-            if displayNode.GetViewNodeIDs():
-                displayNode.RemoveAllViewNodeIDs()
-            displayNode.AddViewNodeID(view.GetID())
-            displayNode.SetVisibility(True)
-
-        self._lookAtFace(inputVolumeNode, [left, right])
-        for view in (left, right):
-            view.SetLinkedControl(True)
-        return [left, right]
-
-    def _lookAtFace(self, volumeNode, viewNodes) -> None:
-        """Place every view's camera in front of the face of ``volumeNode``, the whole head in the field."""
-        from MRIDeIdentifyLib.render import face_direction
-
-        anteriorLps, superiorLps = face_direction(self.volumeNodeToImage(volumeNode))
-        lpsToRas = np.array([-1.0, -1.0, 1.0])
-        anterior, superior = anteriorLps * lpsToRas, superiorLps * lpsToRas
-        bounds = np.zeros(6)
-        volumeNode.GetRASBounds(bounds)
-        centre = (bounds[0::2] + bounds[1::2]) / 2
-        # The view angle is 30 degrees: this distance fits the head's largest extent with a margin.
-        distance = 3.0 * float(np.max(bounds[1::2] - bounds[0::2]))
-        scene = volumeNode.GetScene()
-        for view in viewNodes:
-            camera = self._cameraOf(view, scene)
-            camera.SetFocalPoint(*centre)
-            camera.SetPosition(*(centre + distance * anterior))
-            camera.SetViewUp(*superior)
-            camera.ResetClippingRange()
-
-    @staticmethod
-    def _cameraOf(viewNode, scene):
-        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLCameraNode")):
-            camera = scene.GetNthNodeByClass(index, "vtkMRMLCameraNode")
-            if camera.GetLayoutName() == viewNode.GetLayoutName():
-                return camera
-        camera = scene.AddNewNodeByClass("vtkMRMLCameraNode")
-        camera.SetLayoutName(viewNode.GetLayoutName())
-        return camera
+    def leaveBeforeAfter(self) -> None:
+        self.beforeAfter.restore()
 
     def saveQARenders(self, inputVolumeNode, outputVolumeNode, folder: str) -> List[str]:
         """Write the engine's before/after face renderings (frontal and 45 degrees, and one side-by-side summary)
@@ -761,7 +566,8 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
         if inputVolumeNode is None or outputVolumeNode is None:
             raise ValueError("Select an input volume and a de-identified output volume first.")
         os.makedirs(folder, exist_ok=True)
-        paths = write_qa(self.volumeNodeToImage(inputVolumeNode), self.volumeNodeToImage(outputVolumeNode), folder)
+        paths = write_qa(nodes.imageFromVolumeNode(inputVolumeNode), nodes.imageFromVolumeNode(outputVolumeNode),
+                         folder)
         return [str(path) for path in paths]
 
 
@@ -771,16 +577,52 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
 
 
 class MRIDeIdentifyTest(ScriptedLoadableModuleTest):
-    """Runs inside the application (Developer mode: Reload and Test, or ``--testing``). Downloads MRHead."""
+    """Runs inside the application (Developer mode: Reload and Test, or ``--testing``).
+
+    Without PyTorch (the extension build servers) it checks the panel and the Logic's input checks only and says
+    that it skipped the rest: it never installs PyTorch or downloads data there. With PyTorch it downloads MRHead.
+    """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
+        self.test_input_checks()
+        if hasattr(slicer, "app"):
+            self.setUp()
+            self.test_panel()
+        if not dependencies.torchReady():
+            self.delayDisplay("PyTorch is not installed: skipped the de-identification and rendering tests "
+                              "(they would install PyTorch and download a sample head).")
+            return
+        self.setUp()
         self.test_process_keeps_grid_and_brain()
         self.setUp()
         self.test_before_after_views()
+
+    def test_input_checks(self):
+        """The Logic refuses unusable inputs with a message, before anything needs PyTorch."""
+        logic = MRIDeIdentifyLogic()
+        volume = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "volume")
+        slicer.util.updateVolumeFromArray(volume, np.zeros((4, 5, 6), np.int16))
+        labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+        slicer.util.updateVolumeFromArray(labelmap, np.zeros((4, 5, 6), np.uint8))
+        empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+        for arguments, expected in (((None,), "Select an input volume"), ((labelmap,), "not a scalar"),
+                                    ((empty,), "has no voxels"), ((volume, volume), "never overwritten")):
+            with self.assertRaises(ValueError) as raised:
+                logic.process(*arguments)
+            self.assertIn(expected, str(raised.exception))
+        self.delayDisplay("Input checks passed")
+
+    def test_panel(self):
+        """The panel opens: its lists are filled and De-identify waits for an input volume."""
+        widget = slicer.modules.mrideidentify.widgetRepresentation().self()
+        self.assertEqual(widget.ui.deviceComboBox.count, len(MRIDeIdentifyLogic.availableDevices()))
+        self.assertGreaterEqual(widget.ui.methodComboBox.count, 1)
+        self.assertFalse(widget.ui.applyButton.enabled)
+        self.delayDisplay("Panel checks passed")
 
     def _loadHead(self):
         import SampleData
@@ -788,19 +630,16 @@ class MRIDeIdentifyTest(ScriptedLoadableModuleTest):
         return SampleData.downloadSample("MRHead")
 
     def test_process_keeps_grid_and_brain(self):
-        self.delayDisplay("De-identifying MRHead (blur control, CPU)")
+        self.delayDisplay("De-identifying MRHead in a child process (blur control, CPU)")
         logic = MRIDeIdentifyLogic()
         self.assertTrue(logic.setupPythonRequirements(confirm=lambda message: True))
         inputVolume = self._loadHead()
         brain = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain")
-        outcome = logic.process(inputVolume, None, "blur", device="cpu", outputBrainMaskNode=brain)
+        run = logic.startProcess(inputVolume, None, "blur", device="cpu", outputBrainMaskNode=brain)
+        self.assertTrue(run.wait(timeout=600))
+        outcome = logic.finishProcess(run)
         outputVolume = outcome.outputVolumeNode
-        inputMatrix, outputMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-        inputVolume.GetIJKToRASMatrix(inputMatrix)
-        outputVolume.GetIJKToRASMatrix(outputMatrix)
-        for row in range(4):
-            for column in range(4):
-                self.assertAlmostEqual(inputMatrix.GetElement(row, column), outputMatrix.GetElement(row, column))
+        np.testing.assert_array_equal(nodes.ijkToRas(inputVolume), nodes.ijkToRas(outputVolume))
         before = slicer.util.arrayFromVolume(inputVolume)
         after = slicer.util.arrayFromVolume(outputVolume)
         self.assertEqual(before.shape, after.shape)
@@ -817,10 +656,15 @@ class MRIDeIdentifyTest(ScriptedLoadableModuleTest):
         logic = MRIDeIdentifyLogic()
         inputVolume = self._loadHead()
         outputVolume = logic.process(inputVolume, None, "blur", device="cpu").outputVolumeNode
+        firstView = slicer.app.layoutManager().threeDWidget(0).mrmlViewNode()
+        linkedBefore = bool(firstView.GetLinkedControl())
         left, right = logic.showBeforeAfter(inputVolume, outputVolume)
         vrLogic = slicer.modules.volumerendering.logic()
         self.assertEqual(list(vrLogic.GetFirstVolumeRenderingDisplayNode(inputVolume).GetViewNodeIDs()), [left.GetID()])
         self.assertEqual(list(vrLogic.GetFirstVolumeRenderingDisplayNode(outputVolume).GetViewNodeIDs()),
                          [right.GetID()])
         self.assertEqual(slicer.app.layoutManager().layout, slicer.vtkMRMLLayoutNode.SlicerLayoutDual3DView)
+        self.assertTrue(left.GetLinkedControl() and right.GetLinkedControl())
+        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+        self.assertEqual(bool(left.GetLinkedControl()), linkedBefore)
         self.delayDisplay("Test passed")

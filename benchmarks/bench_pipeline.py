@@ -28,7 +28,8 @@ from typing import Dict, List, Optional
 from MRIDeIdentifyLib.provenance import sidecar_path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MRIDEIDENTIFY_SHARED_DATA", REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(REPO / "MRIDeIdentify" / "Testing" / "Python"))
+from conftest import SHARED_DATA as SHARED  # noqa: E402  (the one place that knows where the scans are)
 HEADS_1MM = ("S01_chris_t1_mricron.nii.gz", "S12_colin27_ch2.nii.gz", "T03_fsl_MNI152_T1_1mm.nii.gz")
 HALF_MM_SOURCE = HEADS_1MM[0]
 # Stages the pipeline itself times; every other key of timings_s is one of the method's own stages.

@@ -25,7 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MRIDeIdentify"))
-SHARED = Path(os.environ.get("MRIDEIDENTIFY_SHARED_DATA", REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(REPO / "MRIDeIdentify" / "Testing" / "Python"))
+from conftest import SHARED_DATA as SHARED  # noqa: E402  (the one place that knows where the scans are)
 DEFAULT_HEAD = "S12_colin27_ch2.nii.gz"
 STUDY_HEADS = ("S04_robex_ref_T1.nii.gz", "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz", "S12_colin27_ch2.nii.gz",
                "T07_freesurfer_mni305_cor.mgz")

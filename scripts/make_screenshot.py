@@ -1,14 +1,17 @@
-"""Before/after renderings of a real head through the Slicer module, headless, and the module icon.
+"""Before/after renderings of a real head through the Slicer module, headless, the panel screenshot and the icon.
 
     .venv/bin/python scripts/make_screenshot.py [--head PATH] [--method NAME] [--out DIR]
     .venv/bin/python scripts/make_screenshot.py --docs      # docs/screenshot-before-after.png (average head)
+    .venv/bin/python scripts/make_screenshot.py --panel     # docs/panel.png (panel + both 3-D views, average head)
     .venv/bin/python scripts/make_screenshot.py --icon      # MRIDeIdentify/Resources/Icons/MRIDeIdentify.png
-    .venv/bin/python scripts/make_screenshot.py --panel     # docs/panel.png (the .ui in Qt, PySide6)
 
-The head is loaded into a real MRML scene (slicer-core), de-identified by the module's Logic, shown with
-``showBeforeAfter`` (dual 3-D layout, MR volume-rendering preset, cameras on the face) and both 3-D views are
-rendered offscreen through Slicer's displayable managers: ``before.png`` (left view), ``after.png`` (right view)
-and ``before_after.png`` side by side. The committed screenshot uses an average head (a template, nobody's face).
+The head is loaded into a real MRML scene (slicer-core) and de-identified the way the panel does it (the module's
+Logic runs the engine in a child process, the output node is filled from its files), shown with ``showBeforeAfter``
+(dual 3-D layout, volume rendering fitted to the scan, cameras on the face) and both 3-D views are rendered
+offscreen through Slicer's displayable managers: ``before.png`` (left view), ``after.png`` (right view) and
+``before_after.png`` side by side. ``--panel`` puts those two views beside the module's panel as Qt lays it out
+from the .ui (PySide6; Slicer's own widgets are STAND-INS there, see slicer_scene.load_panel), filled with that
+run's state. The committed pictures use an average head (a template, nobody's face).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -33,9 +37,21 @@ SCREENSHOT = REPO / "docs" / "screenshot-before-after.png"
 PANEL = REPO / "docs" / "panel.png"
 
 
+def run_like_the_panel(logic, node, method: str, device: str):
+    """``Logic.startProcess`` / ``finishProcess`` with the panel's 100 ms reads of the child's progress."""
+    run = logic.startProcess(node, None, method, device=device)
+    while not run.finished():
+        time.sleep(0.1)
+        for event in run.poll():
+            if event["event"] == "progress" and event["fraction"] == 0:
+                print(f"  {event['stage']}...", flush=True)
+    return logic.finishProcess(run)
+
+
 def render_before_after(head: Path, out_dir: Path, method: str | None = None, size: int = 480,
-                        device: str = "cpu") -> dict[str, Path]:
-    """De-identify ``head`` with the module Logic and render both 3-D views; returns the PNG paths by name."""
+                        device: str = "cpu") -> Tuple[Dict[str, Path], Dict[str, str]]:
+    """De-identify ``head`` the panel's way and render both 3-D views; returns the PNG paths by name and what the
+    panel would show after that run (node names, status line)."""
     from PIL import Image, ImageDraw
 
     module = import_module_file()
@@ -46,10 +62,11 @@ def render_before_after(head: Path, out_dir: Path, method: str | None = None, si
         if method is None:
             method = next(name for name, _ in logic.availableMethods())
         node = slicer_scene.load_volume(head)
-        start = time.perf_counter()
-        outcome = logic.process(node, None, method, device=device,
-                                progress=lambda stage, fraction: fraction == 0 and print(f"  {stage}...", flush=True))
-        print(f"{head.name}: {outcome.method} on {outcome.device} in {time.perf_counter() - start:.1f} s")
+        outcome = run_like_the_panel(logic, node, method, device)
+        status = f"Done in {outcome.seconds:.1f} s on {outcome.device} ({outcome.method})."
+        print(f"{head.name}: {status}")
+        state = {"input": node.GetName(), "output": outcome.outputVolumeNode.GetName(), "status": status,
+                 "method": outcome.method}
         left, right = logic.showBeforeAfter(node, outcome.outputVolumeNode)
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {"before": out_dir / "before.png", "after": out_dir / "after.png"}
@@ -67,7 +84,7 @@ def render_before_after(head: Path, out_dir: Path, method: str | None = None, si
         draw.text((column * (size + 4) + size // 2, label // 2), text, fill=(255, 255, 255), anchor="mm")
     paths["before_after"] = out_dir / "before_after.png"
     sheet.save(paths["before_after"])
-    return paths
+    return paths, state
 
 
 def draw_icon(path: Path = ICON, size: int = 128) -> Path:
@@ -120,27 +137,52 @@ def draw_icon(path: Path = ICON, size: int = 128) -> Path:
     return path
 
 
-def draw_panel(path: Path = PANEL) -> Path:
-    """The panel as Qt lays it out from the .ui, the lists filled as the Widget's setup() fills them, every section
-    expanded. Slicer's own widgets are stand-ins there (node selectors show their 'none' entry or node type)."""
-    from PySide6.QtWidgets import QComboBox, QWidget
+def draw_panel(path: Path = PANEL, head: Path = AVERAGE_HEAD, out_dir: Path = REPO / "out" / "slicer-panel",
+               view_size: int = 480) -> Path:
+    """The module as a user sees it after a run: the panel (the .ui laid out by Qt, its lists filled as the Widget's
+    setup() fills them, the selectors and the status line as they are after the run, every section expanded) beside
+    the dual 3-D layout rendered through Slicer's displayable managers."""
+    from PIL import Image
+    from PySide6.QtWidgets import QComboBox, QLabel, QPushButton, QWidget
 
     module = import_module_file()
+    views, state = render_before_after(head, out_dir, size=view_size)
     app, panel = load_panel()
     methods = panel.findChild(QComboBox, "methodComboBox")
-    for name, summary in module.MRIDeIdentifyLogic.availableMethods():
+    available = module.MRIDeIdentifyLogic.availableMethods()
+    for name, _ in available:
         methods.addItem(name, name)
-    panel.findChild(QWidget, "methodDescriptionLabel").setText(module.MRIDeIdentifyLogic.availableMethods()[0][1])
+    methods.setCurrentIndex(methods.findData(state["method"]))
+    panel.findChild(QLabel, "methodDescriptionLabel").setText(dict(available)[state["method"]])
     devices = panel.findChild(QComboBox, "deviceComboBox")
-    for value, label in module.DEVICES:
+    for value, label in module.MRIDeIdentifyLogic.availableDevices():
         devices.addItem(label, value)
+    devices.setCurrentIndex(devices.findData("cpu"))
+    for selector, name in (("inputVolumeSelector", state["input"]), ("outputVolumeSelector", state["output"])):
+        combobox = panel.findChild(QComboBox, selector)
+        combobox.clear()
+        combobox.addItem(name)
     panel.findChild(QWidget, "advancedCollapsibleButton").setProperty("collapsed", False)
     panel.findChild(QWidget, "progressBar").hide()
+    for button in ("applyButton", "showBeforeAfterButton", "saveQARendersButton"):
+        panel.findChild(QPushButton, button).setEnabled(True)
+    panel.findChild(QLabel, "statusLabel").setText(state["status"])
     panel.resize(400, 660)
     panel.show()
     app.processEvents()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    panel.grab().save(str(path))
+    panel_png = out_dir / "panel_only.png"
+    panel.grab().save(str(panel_png))
+
+    with Image.open(panel_png) as panel_image, Image.open(views["before"]) as before, \
+            Image.open(views["after"]) as after:
+        height = max(panel_image.height, view_size)
+        sheet = Image.new("RGB", (panel_image.width + 2 * view_size + 4, height), (40, 40, 40))
+        sheet.paste(panel_image.convert("RGB"), (0, 0))
+        top = (height - view_size) // 2
+        sheet.paste(before.convert("RGB"), (panel_image.width, top))
+        sheet.paste(after.convert("RGB"), (panel_image.width + view_size + 4, top))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(path)
     return path
 
 
@@ -152,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=480, help="pixels per view")
     parser.add_argument("--docs", action="store_true", help="write docs/screenshot-before-after.png (average head)")
     parser.add_argument("--icon", action="store_true", help="draw the module icon")
-    parser.add_argument("--panel", action="store_true", help="draw the panel from the .ui (needs PySide6)")
+    parser.add_argument("--panel", action="store_true",
+                        help="docs/panel.png: the panel (the .ui in PySide6) beside both 3-D views (average head)")
     args = parser.parse_args(argv)
     if args.panel:
         print(draw_panel())
@@ -161,14 +204,14 @@ def main(argv: list[str] | None = None) -> int:
         print(draw_icon())
         return 0
     if args.docs:
-        paths = render_before_after(AVERAGE_HEAD, args.out, args.method, args.size)
+        paths, _ = render_before_after(AVERAGE_HEAD, args.out, args.method, args.size)
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         SCREENSHOT.write_bytes(paths["before_after"].read_bytes())
         print(SCREENSHOT)
         return 0
     if not args.head.is_file():
         parser.error(f"{args.head} not found (the shared heads live in ../shared/data/heads)")
-    for path in render_before_after(args.head, args.out, args.method, args.size).values():
+    for path in render_before_after(args.head, args.out, args.method, args.size)[0].values():
         print(path)
     return 0
 

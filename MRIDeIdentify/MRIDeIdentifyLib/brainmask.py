@@ -106,7 +106,7 @@ def _ras_work_image(image: sitk.Image) -> sitk.Image:
                         for j in (-0.5, image.GetSize()[1] - 0.5)
                         for k in (-0.5, image.GetSize()[2] - 0.5)])
     low, high = corners.min(axis=0), corners.max(axis=0)
-    size = [max(1, int(np.ceil((h - l) / _WORK_SPACING_MM))) for l, h in zip(low, high)]
+    size = [max(1, int(np.ceil((h - lo) / _WORK_SPACING_MM))) for lo, h in zip(low, high)]
     # LPS identity direction flipped on x and y gives voxel axes pointing R, A, S.
     direction = (-1.0, 0, 0, 0, -1.0, 0, 0, 0, 1.0)
     origin = (high[0] - _WORK_SPACING_MM / 2, high[1] - _WORK_SPACING_MM / 2, low[2] + _WORK_SPACING_MM / 2)

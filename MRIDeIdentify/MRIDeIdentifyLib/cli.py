@@ -11,18 +11,10 @@ from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
-from .devices import DEVICE_CHOICES
-from .errors import Cancelled, InputError
-from .onescan import PROG
+from .devices import DEVICE_CHOICES, DEVICE_HELP
+from .errors import PROG, Cancelled, InputError, OneLineParser
 from .settings import DEFAULT_DEVICE, DEFAULT_FACETS, DEFAULT_MARGIN_MM, DEFAULT_METHOD, DEFAULT_ROTATIONS, \
     DEFAULT_SEED, Settings
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line (the contract), pointing to --help for the rest."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{PROG}: error: {message} (see {self.prog} --help)\n")
 
 
 def _method_names() -> List[str]:
@@ -39,8 +31,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--margin-mm", type=float, default=DEFAULT_MARGIN_MM, metavar="MM",
                         help=f"dilate the brain mask by MM millimetres; that region is copied exactly "
                              f"(default {DEFAULT_MARGIN_MM})")
-    parser.add_argument("--device", choices=DEVICE_CHOICES, default=DEFAULT_DEVICE,
-                        help="torch device (default auto: CUDA when available, else CPU)")
+    parser.add_argument("--device", choices=DEVICE_CHOICES, default=DEFAULT_DEVICE, help=DEVICE_HELP)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
                         help="random seed; the same seed gives the same output")
     parser.add_argument("--model", type=Path, metavar="PATH", help="generator weights (.safetensors) for remodel")
@@ -86,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="de-identify the embedded default scan, with QA renders")
     demo.add_argument("output", type=Path, nargs="?", default=Path("demo-output"), metavar="OUTPUT_DIR")
-    demo.add_argument("--device", choices=DEVICE_CHOICES, default=DEFAULT_DEVICE)
+    demo.add_argument("--device", choices=DEVICE_CHOICES, default=DEFAULT_DEVICE, help=DEVICE_HELP)
     demo.add_argument("--method", help="method to demonstrate (default: the default method)")
 
     commands.add_parser("methods", help="list the registered methods")

@@ -1,19 +1,32 @@
-"""Choosing the torch device: ``auto`` takes CUDA when present, else the CPU."""
+"""The torch devices every entry point offers (command line, evaluation, training, the Slicer panel) and the
+one resolver that turns a choice into a ``torch.device``.
+
+Importing this module does not import torch: the Slicer panel lists the choices before torch is installed.
+"""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Dict
 
 from .errors import InputError
 
+if TYPE_CHECKING:
+    import torch
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+# What a panel shows for each choice, in the order of DEVICE_CHOICES.
+DEVICE_LABELS: Dict[str, str] = {"auto": "Auto (CUDA GPU if available)", "cpu": "CPU", "cuda": "GPU (CUDA)",
+                                 "mps": "GPU (Apple MPS)"}
+DEVICE_HELP = "torch device: auto (CUDA when available, else CPU), cpu, cuda or mps (default auto)"
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA if available, otherwise CPU.
+def resolve_device(name: str = "auto") -> "torch.device":
+    """``auto`` -> CUDA if available, otherwise CPU; ``cpu``/``cuda``/``mps`` as asked, or InputError.
 
     MPS is used only when asked for: 3-D grid sampling and some pooling operators the engine needs are not
     implemented on every MPS release, and a silent CPU fallback would be slower than the plain CPU path.
     """
+    import torch
+
     if name not in DEVICE_CHOICES:
         raise InputError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}")
     if name == "auto":

@@ -1,8 +1,10 @@
 """C-DeID-GAN (paper 3.2): a conditional multi-scale 3-D generator and its discriminator, read top to bottom.
 
 Tensors are (batch, channels, S, S, S) on the model grid (KJI axes, see modelgrid.py). A pyramid is a list of such
-tensors from the coarsest scale (4³) to the finest (S³). gamma has three channels: c (convex hull, binary),
-b (brain mask, binary) and b*x (brain intensities, normalised units), as privacy.privacy_transform returns them.
+tensors from the coarsest scale (4³) to the finest (S³). The conditioning has four channels: the paper's gamma, c
+(convex hull, binary), b (brain mask, binary) and b*x (brain intensities, normalised units), as
+privacy.privacy_transform returns them, and our addition, the face prior's skin as a clipped signed distance in
+[-1, 1] (modelinputs.condition).
 
 - Generator: NB = log2(S/4)+1 blocks. Block k takes the previous scale's single-channel image, upsampled by
   nearest neighbour, plus gamma_k, and returns the single-channel image g_k (the paper's bottleneck between scales).
@@ -30,7 +32,7 @@ from .privacy import probabilistic_binary_pool
 
 MIN_SIZE = 4
 SIZES = (64, 128, 256)
-CONDITION_CHANNELS = 3
+CONDITION_CHANNELS = 4
 # Inside the package, so that a plain wheel and the Slicer module both carry the weights.
 MODELS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = MODELS_DIR / "cdeidgan64.safetensors"
@@ -221,10 +223,10 @@ def pyramid(volume: torch.Tensor, n_scales: int) -> List[torch.Tensor]:
 
 def gamma_pyramid(gamma: torch.Tensor, n_scales: int,
                   generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
-    """gamma (B, 3, S, S, S) at every scale, coarsest first.
+    """The conditioning (B, C, S, S, S) at every scale, coarsest first.
 
     The binary channels (c, b) are pooled with the probabilistic binary pooling, so they stay binary and keep
-    their proportion of ones in expectation; b*x is average-pooled.
+    their proportion of ones in expectation; b*x and the skin distance are average-pooled.
     """
     levels = [gamma]
     for _ in range(n_scales - 1):

@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from . import __version__, provenance
-from .errors import InputError
+from .errors import PROG, InputError
 from .settings import Settings
-
-PROG = "mri-deidentify"
 
 
 @dataclass(frozen=True)
@@ -96,6 +94,7 @@ def run_one(input_path: Path, output: Path, settings: Settings, *, quiet: bool =
         if out_format == "dicom":
             from . import dicom
             dicom_run = dicom_run or DicomRun.new(settings.shift_dates)
+            assert volume.dicom is not None   # read_volume keeps the source of every DICOM input
             dicom.write_series(result.image, volume.dicom, staged_output, method=record["method"],
                                tool_version=__version__, uid_map=dicom.UIDMap(dicom_run.secret),
                                date_shift_days=dicom_run.date_shift_days)

@@ -12,7 +12,6 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from . import provenance
 from .brainmask import dilate_mm, extract_brain_mask, load_user_mask

@@ -6,6 +6,7 @@ with one line saying why.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from typing import Any, Iterator, List, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import InputError, itk_reason, without_path
 
 ITK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 MGH_SUFFIXES = (".mgz", ".mgh")
@@ -32,6 +33,16 @@ def image_stem(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def image_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """``array`` (KJI, any dtype; copied) as an image on ``reference``'s grid: its spacing (mm), origin and
+    direction (LPS). ``array.shape`` must be ``reference``'s size reversed."""
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image
+
+
 # Fewer voxels than this along an axis is a slice or a line, not a head volume.
 MIN_VOXELS_PER_AXIS = 4
 
@@ -124,30 +135,90 @@ def _read_itk(path: Path) -> sitk.Image:
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
-            failure = _itk_reason(error)
+            failure = itk_reason(error, path)
     # MetaIO says what is wrong with a missing or short data file on stderr, and may still return an image;
     # its words beat ITK's exception, which often carries only a stale errno.
-    complaint = "".join(messages).strip()
-    if complaint:
-        raise InputError(f"{path.name}: cannot be read completely ({' '.join(complaint.split())[:200]})")
+    if "".join(messages).strip():
+        raise InputError(f"{path.name}: cannot be read completely ({itk_reason(''.join(messages), path)})")
     if failure is not None:
         raise InputError(f"{path.name}: cannot be read as an image ({failure})")
     return image
 
 
 def _check_nifti(path: Path) -> None:
-    """What ITK's NIfTI reader lets through: damaged gzip, a data section shorter than the header promises
-    (zero-filled) and NaN/inf voxels (turned into 0, which would break the bit-identical brain)."""
+    """What ITK's NIfTI reader lets through or words in its own terms: a damaged header (dimensions, voxel
+    sizes, orientation), damaged gzip, a data section shorter than the header promises (ITK zero-fills it) and
+    NaN/inf voxels (ITK turns them into 0, which would break the bit-identical brain)."""
     import nibabel as nib
+    fault = _nifti_header_fault(path)
+    if fault:
+        raise InputError(f"{path.name}: {fault}")
     try:
-        data = np.asanyarray(nib.load(str(path)).dataobj)
+        with _nibabel_quiet():
+            nifti: Any = nib.load(str(path))  # nibabel types load() as the base class, without dataobj
+            data = np.asanyarray(nifti.dataobj)
     except (OSError, EOFError) as error:
-        what = "gzip stream" if path.name.lower().endswith(".gz") else "data"
-        raise InputError(f"{path.name}: damaged or truncated {what} ({error})") from None
+        what = "gzip stream" if path.name.lower().endswith(".gz") else "voxel data"
+        raise InputError(f"{path.name}: damaged or truncated {what}, or a header promising more voxels than "
+                         f"the file holds ({without_path(error, path)})") from None
     except Exception as error:  # nibabel raises ValueError/ImageFileError/... for inconsistent headers
-        raise InputError(f"{path.name}: cannot be read as NIfTI ({str(error).splitlines()[0]})") from None
+        raise InputError(f"{path.name}: the NIfTI header is damaged ({without_path(error, path)})") from None
     if data.dtype.kind in "fc" and not np.isfinite(data).all():
         raise InputError(f"{path.name}: contains NaN or infinite voxel values")
+
+
+# The fields of a NIfTI-1 header (348 bytes) that place the voxels in space, at their byte offsets.
+_NIFTI1_FIELDS = [("sizeof_hdr", "i4", 0), ("dim", "8i2", 40), ("pixdim", "8f4", 76), ("qform_code", "i2", 252),
+                  ("sform_code", "i2", 254), ("quatern", "6f4", 256), ("srow", "12f4", 280)]
+
+
+def _nifti_header_fault(path: Path) -> Optional[str]:
+    """What is wrong with a NIfTI-1 header's dimensions, voxel sizes or orientation, read from its raw bytes
+    (nibabel quietly mends some of them); None when nothing is, or for NIfTI-2, which nibabel checks."""
+    import gzip
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as stream:
+            raw = stream.read(348)
+    except (OSError, EOFError):
+        return "damaged gzip stream" if path.name.lower().endswith(".gz") else None
+    if len(raw) < 348:
+        return f"the file ends inside the NIfTI header ({len(raw)} of 348 bytes)"
+    if raw[344:347] not in (b"n+1", b"ni1") and raw[4:7] not in (b"n+2", b"ni2"):
+        return "cannot be read as NIfTI: it has no NIfTI header (another kind of file, or a damaged one)"
+    for order in "<>":
+        layout = np.dtype({"names": [n for n, _, _ in _NIFTI1_FIELDS],
+                           "formats": [order + f for _, f, _ in _NIFTI1_FIELDS],
+                           "offsets": [o for _, _, o in _NIFTI1_FIELDS], "itemsize": 348})
+        header = np.frombuffer(raw, layout)[0]
+        if header["sizeof_hdr"] == 348:
+            break
+    else:
+        return None
+    damaged = "the NIfTI header is damaged: "
+    dims = int(header["dim"][0])
+    if not 1 <= dims <= 7:
+        return damaged + f"its number of dimensions (dim[0] = {dims}) is not 1 to 7"
+    if (header["dim"][1:dims + 1] < 1).any():
+        return damaged + f"a dimension is {header['dim'][1:dims + 1].min()} voxels"
+    sizes = header["pixdim"][1:min(dims, 3) + 1].astype(float)
+    shown = ", ".join(f"{v:g}" for v in sizes)
+    if not np.isfinite(sizes).all() or (sizes <= 0).any():
+        return damaged + f"its voxel sizes (pixdim {shown} mm) must be finite and positive"
+    if header["sform_code"] > 0:
+        rows = header["srow"].astype(float).reshape(3, 4)
+        if not np.isfinite(rows).all():
+            return damaged + "its orientation matrix (sform) holds NaN or infinite values"
+        scales = np.linalg.norm(rows[:, :3], axis=0)[:sizes.size]
+        if abs(np.linalg.det(rows[:, :3])) < 1e-9 * max(1.0, float(np.prod(scales))):
+            return damaged + "its orientation matrix (sform) is singular"
+        # ITK compares the two too, then quietly takes the qform: that would move the scan in space.
+        if not np.allclose(scales, sizes, rtol=1e-3):
+            return damaged + (f"its voxel sizes (pixdim {shown} mm) disagree with its orientation matrix "
+                              f"(sform: {', '.join(f'{v:.4g}' for v in scales)} mm)")
+    elif header["qform_code"] > 0 and not np.isfinite(header["quatern"]).all():
+        return damaged + "its orientation (qform) holds NaN or infinite values"
+    return None
 
 
 @contextmanager
@@ -170,20 +241,26 @@ def _captured_stderr() -> Iterator[List[str]]:
             captured.append(sink.read())
 
 
-def _itk_reason(error: RuntimeError) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Description:" in line:
-            return line.split("Description:", 1)[1].strip()
-    return lines[-1] if lines else "unknown reason"
+@contextmanager
+def _nibabel_quiet() -> Iterator[None]:
+    """nibabel logs the header faults it mends or refuses straight to stderr; the engine reports them itself, in
+    the one line of the error contract, so its log is held back while it reads."""
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _read_mgh(path: Path) -> sitk.Image:
     """FreeSurfer .mgz/.mgh via nibabel, converted to a SimpleITK image with the same RAS->LPS geometry."""
     import nibabel as nib
     try:
-        mgh = nib.load(str(path))
-        data = np.asanyarray(mgh.dataobj)
+        with _nibabel_quiet():
+            mgh: Any = nib.load(str(path))
+            data = np.asanyarray(mgh.dataobj)
     except Exception as error:  # nibabel raises many types for damaged files
         raise InputError(f"{path.name}: cannot be read as an MGH/MGZ image ({error})") from None
     if data.ndim == 4 and data.shape[3] == 1:

@@ -5,25 +5,22 @@ rendered from any view (:func:`render_surface`). The camera is placed in front o
 scan's direction cosines, so RAS, LIA, PIR, ... and oblique scans all render face-on.
 
 VTK renders without a display through EGL (``vtkEGLRenderWindow``, Mesa's software GL is enough); set
-``VTK_DEFAULT_OPENGL_WINDOW=vtkOSOpenGLRenderWindow`` to use OSMesa instead.
+``VTK_DEFAULT_OPENGL_WINDOW=vtkOSOpenGLRenderWindow`` to use OSMesa instead. No environment variable is set here:
+this module also runs inside 3D Slicer's process, whose rendering must stay as the application set it up.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import vtk
+from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 
 from .headmask import head_mask, head_threshold
-
-if not os.environ.get("DISPLAY"):
-    # Must be set before vtk is imported: the default X11 window aborts the process without a display.
-    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-
-import vtk  # noqa: E402
-from vtk.util.numpy_support import numpy_to_vtk, vtk_to_numpy  # noqa: E402
 
 # Depth of the slab in front of the most anterior skin point whose points set the face's centre (mm):
 # deep enough to hold forehead, nose, mouth and chin, shallow enough to leave out ears and neck.
@@ -202,7 +199,7 @@ def render_surface(
     key.SetFocalPoint(0.0, 0.0, 0.0)
     renderer.AddLight(key)
 
-    window = vtk.vtkRenderWindow()
+    window = _offscreen_window()
     window.SetOffScreenRendering(1)
     window.SetSize(size, size)
     window.AddRenderer(renderer)
@@ -287,6 +284,15 @@ def write_qa(
     sheet.save(summary)
     paths.append(summary)
     return paths
+
+
+def _offscreen_window() -> vtk.vtkRenderWindow:
+    """A render window for offscreen pictures. On Linux without a display the default (X11) window would abort the
+    process, so EGL's is made directly, unless ``VTK_DEFAULT_OPENGL_WINDOW`` names another."""
+    headless = sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
+    if headless and not os.environ.get("VTK_DEFAULT_OPENGL_WINDOW") and hasattr(vtk, "vtkEGLRenderWindow"):
+        return vtk.vtkEGLRenderWindow()
+    return vtk.vtkRenderWindow()
 
 
 def label_font(pixels: int):

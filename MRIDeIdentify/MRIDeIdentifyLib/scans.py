@@ -94,7 +94,8 @@ def _bids_inventory(root: Path, participants: List[str], sessions: List[str]) ->
             raise InputError(f"{root}: {flag} {' '.join(missing)}: not in this dataset")
     selected = [p for p in images if (not participants or p.relative_to(root).parts[0] in participants)
                 and (not sessions or p.relative_to(root).parts[1] in sessions)]
-    scans, skipped = [], Counter()
+    scans: List[Scan] = []
+    skipped: Counter[str] = Counter()
     for path in selected:
         suffix = _SUFFIX.search(image_stem(path))
         kind = suffix.group(1) if suffix else "no BIDS suffix"

@@ -11,12 +11,17 @@ import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, List
 
 import numpy as np
 import SimpleITK as sitk
 
 from .headmask import head_mask
-from .registration import register
+from .reader import image_like
+from .registration import register, warp
+
+if TYPE_CHECKING:
+    from .methods import MethodContext
 
 HEAD_FILE = "mean_reg2mean.nii.gz"
 FACE_MASK_FILE = "facemask.nii.gz"
@@ -56,8 +61,7 @@ def load_template() -> Template:
     # The mask's header differs from the head's in the 7th decimal of its spacing; share one grid exactly.
     face_keep.CopyInformation(image)
     face = sitk.Cast(face_keep < 0.5, sitk.sitkUInt8)
-    head = sitk.GetImageFromArray(head_mask(image).astype(np.uint8))
-    head.CopyInformation(image)
+    head = image_like(head_mask(image).astype(np.uint8), image)
     return Template(image=image, head=head, face=face)
 
 
@@ -71,6 +75,23 @@ def fit_template(image: sitk.Image, head: np.ndarray, seed: int = 0) -> sitk.Tra
     ``registration.warp(load_template().face, image, transform)`` puts the face mask on the subject's grid.
     """
     template = load_template()
-    subject_head = sitk.GetImageFromArray(head.astype(np.uint8))
-    subject_head.CopyInformation(image)
+    subject_head = image_like(head.astype(np.uint8), image)
     return register(image, template.image, subject_head, template.head, keep_shape=template.face, seed=seed)
+
+
+def template_on_subject(ctx: "MethodContext", *layers: str) -> List[np.ndarray]:
+    """The average head registered to ``ctx``'s subject (stages "register" and "warp"); returns the named
+    ``layers`` of it on the subject's grid as KJI arrays: "image" float32 in the template's T1 units (linear
+    interpolation), "head" and "face" bool (nearest neighbour)."""
+    template = load_template()
+    with ctx.stage("register"):
+        transform = fit_template(ctx.image, ctx.head, seed=ctx.seed)
+    with ctx.stage("warp"):
+        arrays = []
+        for name in layers:
+            if name == "image":
+                arrays.append(sitk.GetArrayFromImage(warp(template.image, ctx.image, transform)))
+            else:
+                mask = warp(getattr(template, name), ctx.image, transform, sitk.sitkNearestNeighbor)
+                arrays.append(sitk.GetArrayFromImage(mask) > 0)
+    return arrays

@@ -3,10 +3,12 @@
     mri-deidentify train --data DIR_OR_BIDS --out DIR [--size 64] [--steps N] [--resume]
     torchrun --nproc_per_node 4 -m MRIDeIdentifyLib.train --data DIR --out DIR     # several GPUs or nodes
 
-Each scan is preprocessed once into a cache (``OUT/cache``): its model-grid volume, dilated brain mask and head
-threshold, built with the engine's own headmask / brainmask / modelgrid so training sees what inference sees.
-Every step augments one cached head per process (augment.py), recomputes gamma on the augmented head with the
-privacy transform, and takes one discriminator and one generator step with the R-LSGAN losses. The checkpoint
+Each scan is preprocessed once into a cache (``OUT/cache``): its model-grid volume and dilated brain mask, built
+with the engine's own headmask / brainmask / modelgrid so training sees what inference sees, and the face prior
+fitted to the head's own skin (placement.fit_identity: identity weights and pose), kept as the skin's signed
+distance on the cube. Every step augments one cached head per process (augment.py), builds the conditioning on
+the augmented head with the same function inference uses (modelinputs), and takes one discriminator and one
+generator step with the R-LSGAN losses. The checkpoint
 holds both networks, their optimisers, the generator's EMA, the step and the configs; a step's randomness is a
 function of (seed, step, rank), so a resumed run continues exactly as an uninterrupted one would.
 """
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .augment import augment
+from .devices import DEVICE_CHOICES, resolve_device
+from .errors import PROG, OneLineParser
 from .model import (Discriminator, Generator, ModelConfig, blend, discriminator_loss, gamma_pyramid,
                     generator_loss, noise, pyramid, save_generator)
 
@@ -83,11 +87,13 @@ class TrainConfig:
 
 @dataclass
 class Head:
-    """One cached scan on the model grid: ``volume`` float32 (S, S, S) normalised, ``brain`` bool (S, S, S)."""
+    """One cached scan on the model grid: ``volume`` float32 (S, S, S) normalised, ``brain`` bool (S, S, S),
+    ``skin`` float32 (S, S, S): the face prior fitted to this head, as a signed distance in mm."""
 
     name: str
     volume: np.ndarray
     brain: np.ndarray
+    skin: np.ndarray
 
 
 def preprocess(path: Path, size: int, margin_mm: float, device: torch.device | str = "cpu",
@@ -115,7 +121,26 @@ def preprocess(path: Path, size: int, margin_mm: float, device: torch.device | s
         if brain_cache is not None:
             np.savez_compressed(brain_cache, bits=np.packbits(brain))
     grid = ModelGrid.around(image, head, brain, size=size, array=array)
-    return Head(Scan(path, series).name, grid.to_model(image), grid.mask_to_model(brain, image))
+    volume, cube_brain = grid.to_model(image), grid.mask_to_model(brain, image)
+    skin, fit = fit_skin(image, head, grid, volume, cube_brain)
+    print(f"  face prior fitted: median distance {fit:.1f} mm", file=sys.stderr)
+    return Head(Scan(path, series).name, volume, cube_brain, skin)
+
+
+def fit_skin(image: sitk.Image, head: np.ndarray, grid, volume: np.ndarray,
+             brain: np.ndarray) -> Tuple[np.ndarray, float]:
+    """The face prior fitted to a training head's own skin (pose and identity weights, on the part of the face
+    in its field of view), as the signed distance (mm) the generator is conditioned on, and the fit's median
+    distance (mm). The same placement, skin and scalp rules as ``remodel`` apply, so the generator learns on
+    the kind of surface it is given at inference."""
+    from .faceprior import load_face_prior
+    from .modelinputs import model_inputs
+    from .placement import cube_skin, field_of_view, fit_identity, skin_points
+
+    prior = load_face_prior()
+    gamma = model_inputs(volume, brain, seed=0).gamma.numpy()
+    _, vertices, error = fit_identity(prior, skin_points(image, head), gamma, grid, field_of_view(image, grid))
+    return cube_skin(prior, vertices, grid, gamma), error
 
 
 def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Head]:
@@ -127,7 +152,7 @@ def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Hea
     if not scans:
         raise SystemExit(f"no training scans under {config.data} (after excluding {config.exclude})")
     cache = Path(config.out) / "cache"
-    files = [cache / f"{s.name}.s{config.size}.m{config.margin_mm:g}.npz" for s in scans]
+    files = [cache / f"{s.name}.s{config.size}.m{config.margin_mm:g}.face.npz" for s in scans]
     if rank == 0:
         cache.mkdir(parents=True, exist_ok=True)
         for scan, file in zip(scans, files):
@@ -143,7 +168,7 @@ def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Hea
                 file.with_suffix(".skip").write_text(reason + "\n")
                 continue
             tmp = file.with_suffix(".tmp.npz")
-            np.savez_compressed(tmp, volume=head.volume, brain=head.brain)
+            np.savez_compressed(tmp, volume=head.volume, brain=head.brain, skin=head.skin)
             tmp.replace(file)
     if dist.is_initialized():
         dist.barrier()
@@ -152,28 +177,27 @@ def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Hea
         if not file.exists():
             continue
         with np.load(file) as data:
-            heads.append(Head(file.name.split(".s")[0], data["volume"], data["brain"]))
+            heads.append(Head(file.name.split(".s")[0], data["volume"], data["brain"], data["skin"]))
     return heads
 
 
 def make_batch(heads: List[Head], config: TrainConfig, model_config: ModelConfig, generator: torch.Generator,
                device: torch.device) -> Dict[str, object]:
-    """``config.batch`` random heads, augmented, with gamma recomputed on each: the inputs of :func:`train_step`."""
-    from .headmask import head_threshold
-    from .privacy import privacy_transform
+    """``config.batch`` random heads, augmented, with the conditioning built on each exactly as inference builds
+    it (modelinputs): the inputs of :func:`train_step`."""
+    from .modelinputs import condition, model_inputs
 
     volumes, brains, gammas = [], [], []
     for _ in range(config.batch):
         head = heads[int(torch.randint(len(heads), (1,), generator=generator))]
         volume = torch.from_numpy(head.volume)
         brain = torch.from_numpy(head.brain)
+        skin = torch.from_numpy(head.skin)
         if config.augment:
-            volume, brain = augment(volume, brain, generator)
-        # delta is recomputed on the augmented head, as inference computes it on each input.
-        threshold = head_threshold(sitk.GetImageFromArray(volume.numpy()))
+            volume, brain, skin = augment(volume, brain, skin, generator)
         seed = int(torch.randint(2 ** 31 - 1, (1,), generator=generator))
-        gammas.append(privacy_transform(volume, brain, threshold, rotations=config.rotations,
-                                        facets=config.facets, seed=seed))
+        inputs = model_inputs(volume, brain, seed=seed, rotations=config.rotations, facets=config.facets)
+        gammas.append(condition(inputs.gamma, skin))
         volumes.append(volume)
         brains.append(brain)
     x = torch.stack(volumes)[:, None].to(device)
@@ -253,12 +277,27 @@ def grow(generator: Generator, g_ema: Generator, smaller: dict) -> None:
     if generator.config.g_widths[:old.n_blocks] != old.g_widths or generator.config.block != old.block:
         raise SystemExit("--init-from: the smaller model's blocks do not match this model's coarse blocks")
     for net, key in ((generator, "g"), (g_ema, "g_ema")):
-        net.load_state_dict(smaller[key], strict=False)
+        net.load_state_dict(_widen_inputs(smaller[key], net.state_dict()), strict=False)
         with torch.no_grad():
             for block in net.blocks[old.n_blocks:]:
                 last = block.body[-1]
                 last.weight.zero_()
                 last.bias.zero_()
+
+
+def _widen_inputs(old: dict, new: dict) -> dict:
+    """``old`` weights with every input convolution that this model gives more input channels (a conditioning
+    channel added since, such as the face prior's skin) widened by zeros: the grown model starts as the old one,
+    blind to the new channel, and learns to use it."""
+    widened = {}
+    for key, value in old.items():
+        target = new.get(key)
+        if target is not None and value.dim() == 5 and value.shape[1] < target.shape[1] \
+                and value.shape[0] == target.shape[0] and value.shape[2:] == target.shape[2:]:
+            value = torch.cat([value, value.new_zeros((value.shape[0], target.shape[1] - value.shape[1])
+                                                      + tuple(value.shape[2:]))], 1)
+        widened[key] = value
+    return widened
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -303,7 +342,7 @@ def phase_summary(state: dict) -> dict:
 
 def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespace]:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="mri-deidentify train", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog=f"{PROG} train", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=False, default="", help="folder or BIDS dataset of head scans")
     parser.add_argument("--out", default=defaults.out, help="run folder: cache, TensorBoard events, checkpoint")
     parser.add_argument("--checkpoint", default="", help="checkpoint file (default OUT/checkpoint.pt)")
@@ -321,8 +360,11 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespa
             parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
                                 default=getattr(defaults, f.name))
         else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name),
+                                choices=DEVICE_CHOICES if f.name == "device" else None)
     args = parser.parse_args(argv)
+    if not args.data and not args.export:
+        parser.error("--data is required for training")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     values["exclude"] = tuple(args.exclude)
     values["betas"] = tuple(args.betas)
@@ -335,14 +377,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.export:
         print(export(checkpoint_path, Path(args.export)))
         return 0
-    if not config.data:
-        raise SystemExit("--data is required for training")
 
     # torchrun sets these; a plain run is rank 0 of 1.
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    from .devices import resolve_device
     device = resolve_device(config.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

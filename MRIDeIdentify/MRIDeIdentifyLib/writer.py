@@ -92,8 +92,8 @@ def _signals_deferred() -> Iterator[None]:
     finally:
         for number, handler in zip(held, previous):
             signal.signal(number, handler)
-        for number in caught[:1]:
-            signal.raise_signal(number)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def check_output_path(output: Path, input_path: Path) -> None:

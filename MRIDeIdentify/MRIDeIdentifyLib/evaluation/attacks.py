@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -52,6 +53,8 @@ class Region:
 FEATURES = Region("features", lateral=45.0, below=60.0, above=35.0, depth=35.0, mode="similarity")
 LARGE = Region("large", lateral=75.0, below=90.0, above=75.0, depth=90.0, mode="rigid")
 REGIONS = (FEATURES, LARGE)
+# Every attack a probe faces: the 2-D face recogniser, then the 3-D surface match in each region.
+ATTACKS = ("2d",) + tuple(region.name for region in REGIONS)
 # Probe points per region, target points per original (its region grown by TARGET_MARGIN_MM so that an
 # aligned probe always finds skin beneath it): enough for sub-millimetre RMS, fast enough for ~3000 pairs.
 PROBE_POINTS = 1500
@@ -132,13 +135,15 @@ def icp_distance(probe: np.ndarray, probe_frame: HeadFrame, target: Target, mode
     """
     if len(probe) < _MIN_POINTS or len(target.points) < _MIN_POINTS:
         return float("nan")
+    tree = target.tree
+    assert tree is not None  # a target with points has its tree
     rotation = target.frame.axes.T @ probe_frame.axes
     moved = (probe - probe_frame.nose) @ rotation.T + target.frame.nose
     keep = max(_MIN_POINTS, int(_TRIM * len(moved)))
     previous = np.inf
     total_scale = 1.0
     for _ in range(iterations):
-        distances, index = target.tree.query(moved)
+        distances, index = tree.query(moved)
         order = np.argsort(distances)[:keep]
         rms = float(np.sqrt(np.mean(distances[order] ** 2)))
         if previous - rms < 1e-3:
@@ -148,7 +153,7 @@ def icp_distance(probe: np.ndarray, probe_frame: HeadFrame, target: Target, mode
         scale, turn, shift = _umeyama(moved[order], target.points[index[order]], bounds)
         total_scale *= scale
         moved = scale * moved @ turn.T + shift
-    distances, _ = target.tree.query(moved)
+    distances, _ = tree.query(moved)
     return float(np.sqrt(np.mean(np.sort(distances)[:keep] ** 2)))
 
 
@@ -170,9 +175,9 @@ def _umeyama(source: np.ndarray, target: np.ndarray, scale_bounds: tuple[float, 
 class FaceModels:
     """dlib's HOG face detector, 5-point landmarks and ResNet face embedding (from face-recognition-models)."""
 
-    detector: object
-    landmarks: object
-    encoder: object
+    detector: Any
+    landmarks: Any
+    encoder: Any
 
 
 @functools.lru_cache(maxsize=1)
@@ -296,3 +301,17 @@ def auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
     smaller = (genuine[:, None] < impostor[None, :]).sum()
     equal = (genuine[:, None] == impostor[None, :]).sum()
     return float((smaller + 0.5 * equal) / (len(genuine) * len(impostor)))
+
+
+@dataclass
+class Probe:
+    """One attacked head: which set it belongs to (a method or a control), its source scan, distances to the
+    gallery per attack (:data:`ATTACKS`), which gallery entries are genuine and which are in its gallery, and
+    per-scan facts."""
+
+    group: str
+    scan: str
+    distances: dict[str, np.ndarray]
+    genuine: np.ndarray
+    allowed: np.ndarray
+    facts: dict = field(default_factory=dict)

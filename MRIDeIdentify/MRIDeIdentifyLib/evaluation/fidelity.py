@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from ..reader import image_like
+
 CLASSES = ("csf", "gm", "wm")
 # The analysis runs on a copy resampled to this spacing (mm): Atropos and the affine fit need no more.
 ANALYSIS_SPACING_MM = 2.0
@@ -38,8 +40,7 @@ def _atlas(spacing_mm: float):
     from ..template import load_template
 
     template = load_template().image
-    brain = sitk.GetImageFromArray(extract_brain_mask(template, "cpu").astype(np.float32))
-    brain.CopyInformation(template)
+    brain = image_like(extract_brain_mask(template, "cpu").astype(np.float32), template)
     return _to_ants(_resample(template, spacing_mm)), _to_ants(brain)
 
 
@@ -77,7 +78,7 @@ def compare(original: Analysis, output: Analysis) -> dict[str, float]:
     """Dice of the brain mask and of each class, relative volume difference (output - original) / original
     of each class, and ``failed`` (1.0 when the analysis failed on the output but not the original)."""
     row: dict[str, float] = {"failed": float(output.error is not None and original.error is None)}
-    if original.error is not None or output.error is not None:
+    if original.brain is None or original.labels is None or output.brain is None or output.labels is None:
         for name in ("brain",) + CLASSES:
             row[f"dice_{name}"] = float("nan")
         for name in CLASSES:

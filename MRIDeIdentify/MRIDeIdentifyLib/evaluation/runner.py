@@ -3,7 +3,8 @@
 Scans are the image files of one folder. Files whose names share the prefix before the first ``_`` are the
 same person (``S06_..._ser5`` and ``S06_..._ser6``); a prefix starting with ``T`` marks a template (an
 average head): templates join the gallery as distractors and are the negative control's probes, and are not
-de-identified. Work files (brain masks, outputs, timings) go to ``OUT/work`` and are reused when present,
+de-identified. A folder without a template (a user's own scans) gets the shipped average head (pydeface's
+mean head, the one ``reface`` and the demo use) in that role. Work files (brain masks, outputs, timings) go to ``OUT/work`` and are reused when present,
 so an interrupted run resumes.
 """
 from __future__ import annotations
@@ -22,8 +23,8 @@ import SimpleITK as sitk
 
 from .. import render
 from ..errors import InputError
-from ..reader import ITK_SUFFIXES, MGH_SUFFIXES, read_volume
-from . import attacks, fidelity
+from ..reader import IMAGE_SUFFIXES, image_like, image_stem, read_volume
+from . import attacks, fidelity, report
 
 Progress = Callable[[str], None]
 
@@ -40,18 +41,30 @@ class Scan:
 
 def discover(data_dir: Path) -> list[Scan]:
     """The readable image files directly in ``data_dir`` (sorted by name), with person and template flags."""
-    suffixes = sorted(ITK_SUFFIXES + MGH_SUFFIXES, key=len, reverse=True)  # ".nii.gz" before ".nii"
     scans = []
     for path in sorted(Path(data_dir).iterdir()):
-        suffix = next((s for s in suffixes if path.name.lower().endswith(s)), None)
-        if suffix is None or path.is_dir() or path.name.startswith("."):
+        if not path.name.lower().endswith(IMAGE_SUFFIXES) or path.is_dir() or path.name.startswith("."):
             continue
-        name = path.name[: -len(suffix)]
+        name = image_stem(path)
         person = name.split("_")[0]
         scans.append(Scan(name, path, person, person.upper().startswith("T")))
     if not any(not scan.template for scan in scans):
         raise InputError(f"{data_dir}: no scan to de-identify (only templates, or no image files)")
     return scans
+
+
+# The shipped average head's name in the gallery and the report when the data brings no template.
+SHIPPED_TEMPLATE = "T00_shipped_average_head"
+
+
+def with_template(scans: list[Scan]) -> list[Scan]:
+    """``scans``, plus the shipped average head as a template when none of them is one: the average-face
+    control and a distractor for any folder of scans."""
+    if any(scan.template for scan in scans):
+        return scans
+    from ..template import HEAD_FILE, template_dir
+
+    return [*scans, Scan(SHIPPED_TEMPLATE, template_dir() / HEAD_FILE, SHIPPED_TEMPLATE.split("_")[0], True)]
 
 
 # --- de-identification, in child processes (their peak memory is the method's) -------------------------
@@ -61,8 +74,7 @@ def _brain_mask_worker(jobs: list[tuple[str, str]], device: str) -> None:
 
     for scan_path, mask_path in jobs:
         image = read_volume(Path(scan_path)).image
-        mask = sitk.GetImageFromArray(extract_brain_mask(image, device).astype(np.uint8))
-        mask.CopyInformation(image)
+        mask = image_like(extract_brain_mask(image, device).astype(np.uint8), image)
         sitk.WriteImage(mask, mask_path, True)
 
 
@@ -109,6 +121,12 @@ class Head:
     gallery: attacks.FaceEmbedding | None = None
     targets: dict[str, attacks.Target] = field(default_factory=dict)
 
+    def gallery_embedding(self) -> attacks.FaceEmbedding:
+        """The frontal embedding an original joins the gallery with (a de-identified output has none)."""
+        if self.gallery is None:
+            raise ValueError("only an original head has a gallery embedding")
+        return self.gallery
+
 
 def original_head(image: sitk.Image, size: int, seed: int = 0) -> Head:
     """Gallery and probe features of an original scan at its own skin threshold."""
@@ -133,9 +151,9 @@ def output_head(image: sitk.Image, original: Head, size: int, seed: int = 0) -> 
         surface = render.skin_surface(image, original.threshold)
     except ValueError:  # nothing left above the skin level: the attackers see an empty picture
         blank = np.zeros((size, size, 3), np.uint8)
-        return Head(original.threshold, original.view, original.frame, attacks.embed_face(blank, original.gallery.box),
+        return Head(original.threshold, original.view, original.frame, attacks.embed_face(blank, original.gallery_embedding().box),
                     {region.name: np.zeros((0, 3)) for region in attacks.REGIONS}, _thumbnail(blank))
-    head = _probe(surface, original.threshold, original.view, original.frame, original.gallery.box, size, seed)
+    head = _probe(surface, original.threshold, original.view, original.frame, original.gallery_embedding().box, size, seed)
     head.thumbnail = _thumbnail(_render(surface, original.view, attacks.GALLERY_POSE, size))
     return head
 
@@ -155,49 +173,35 @@ def _render(surface, view, pose, size) -> np.ndarray:
 def _thumbnail(picture: np.ndarray, size: int = 192) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(picture).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(picture).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def distances(probe: Head, gallery: list[Head]) -> dict[str, np.ndarray]:
     """Distances from ``probe`` to every gallery head: "2d" (embedding, Euclidean) and one per ICP region."""
-    rows = {"2d": np.array([np.linalg.norm(probe.probe.vector - g.gallery.vector) for g in gallery])}
+    rows = {"2d": np.array([np.linalg.norm(probe.probe.vector - g.gallery_embedding().vector) for g in gallery])}
     for region in attacks.REGIONS:
         rows[region.name] = np.array([attacks.icp_distance(probe.regions[region.name], probe.frame,
                                                            g.targets[region.name], region.mode) for g in gallery])
     return rows
 
 
-ATTACKS = ("2d",) + tuple(region.name for region in attacks.REGIONS)
-
-
 # --- the run -----------------------------------------------------------------------------------------
-
-@dataclass
-class Probe:
-    """One attacked head: which set it belongs to (a method or a control), its source scan, distances to the
-    gallery, which gallery entries are genuine and which are in its gallery, and per-scan facts."""
-
-    group: str
-    scan: str
-    distances: dict[str, np.ndarray]
-    genuine: np.ndarray
-    allowed: np.ndarray
-    facts: dict = field(default_factory=dict)
-
 
 def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = attacks.RENDER_SIZE,
              run_fidelity: bool = True, fidelity_spacing_mm: float = fidelity.ANALYSIS_SPACING_MM,
-             seed: int = 0, device: str = "cpu", progress: Progress = print) -> tuple[Path, bool]:
+             seed: int = 0, device: str = "auto", progress: Progress = print) -> tuple[Path, bool]:
     """Run the whole evaluation and write the report into ``out_dir``.
 
+    ``device`` is one of ``devices.DEVICE_CHOICES``, resolved here once for every child process.
     Returns the Markdown summary's path and whether the controls passed."""
+    from ..devices import resolve_device
     from ..methods import method_names
-    from . import report
 
+    device = str(resolve_device(device))
     unknown = sorted(set(methods) - set(method_names()))
     if unknown:
         raise InputError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(method_names())}")
-    scans = discover(data_dir)
+    scans = with_template(discover(data_dir))
     real = [scan for scan in scans if not scan.template]
     work = Path(out_dir) / "work"
     (work / "brainmasks").mkdir(parents=True, exist_ok=True)
@@ -232,23 +236,23 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
     persons = np.array([scan.person for scan in scans])
     index = {name: i for i, name in enumerate(names)}
 
-    probes: list[Probe] = []
+    probes: list[attacks.Probe] = []
     original_rows = {scan.name: distances(heads[index[scan.name]], heads) for scan in scans}
     for scan in real:
         i = index[scan.name]
         same = persons == scan.person
         own = np.arange(len(scans)) == i
-        probes.append(Probe("control: re-render", scan.name, original_rows[scan.name], own, ~same | own,
+        probes.append(attacks.Probe("control: re-render", scan.name, original_rows[scan.name], own, ~same | own,
                             {"detected": heads[i].probe.score > attacks.DETECT_SCORE}))
         if same.sum() > 1:
-            probes.append(Probe("control: same person", scan.name, original_rows[scan.name], same & ~own, ~own))
+            probes.append(attacks.Probe("control: same person", scan.name, original_rows[scan.name], same & ~own, ~own))
     for template in (scan for scan in scans if scan.template):
         t = index[template.name]
         for scan in real:
             # The claimed identity's gallery, as for a method's probe of that scan, minus the template itself.
             own = np.arange(len(scans)) == index[scan.name]
             allowed = (~(persons == scan.person) | own) & (np.arange(len(scans)) != t)
-            probes.append(Probe("control: average face", f"{template.name}->{scan.name}",
+            probes.append(attacks.Probe("control: average face", f"{template.name}->{scan.name}",
                                 original_rows[template.name], own, allowed))
 
     analyses: dict[str, fidelity.Analysis] = {}
@@ -272,7 +276,7 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
             run = runs[method, scan.name]
             facts = {"runtime_s": run.get("runtime_s"), "peak_rss_mb": run.get("peak_rss_mb"), "error": run["error"]}
             if run["error"] is not None:
-                probes.append(Probe(method, scan.name, {}, np.zeros(0, bool), np.zeros(0, bool), facts))
+                probes.append(attacks.Probe(method, scan.name, {}, np.zeros(0, bool), np.zeros(0, bool), facts))
                 continue
             out_path = work / "outputs" / method / f"{scan.name}.nii.gz"
             output = sitk.ReadImage(str(out_path))
@@ -285,12 +289,13 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
                 facts.update(downstream(scan, output, method))
             same = persons == scan.person
             own = np.arange(len(scans)) == i
-            probes.append(Probe(method, scan.name, distances(head, heads), own, ~same | own, facts))
+            probes.append(attacks.Probe(method, scan.name, distances(head, heads), own, ~same | own, facts))
             thumbnails[method].append((scan.name, heads[i].thumbnail, head.thumbnail))
 
     originals = {scan.name: heads[index[scan.name]].probe.vector for scan in real}
     return report.write(Path(out_dir), probes, methods, originals, thumbnails, n_gallery=len(scans),
                         n_templates=len(scans) - len(real), data_dir=Path(data_dir),
+                        shipped_template=any(scan.name == SHIPPED_TEMPLATE for scan in scans),
                         fidelity_failures={p.scan: p.facts["original_error"] for p in probes
                                            if p.facts.get("original_error")})
 

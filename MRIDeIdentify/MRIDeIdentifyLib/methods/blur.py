@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
+from ..reader import image_like
 from . import MethodContext, MethodOutput, register
 
 # 8 mm already defeats 2-D face recognisers often but not 3-D surface matching (privacy-evaluation.md):
@@ -16,9 +17,8 @@ DEFAULT_SIGMA_MM = 8.0
 def run(ctx: MethodContext) -> MethodOutput:
     sigma = float(ctx.options.get("blur_sigma_mm", DEFAULT_SIGMA_MM))
     with ctx.stage("blur"):
-        source = sitk.GetImageFromArray(ctx.array)
-        source.CopyInformation(ctx.image)
+        source = image_like(ctx.array, ctx.image)
         values = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(source, sigma)).astype(np.float32)
     # The blurred head spreads into the air; keep the output's tissue where the blurred image is above delta.
     head = values > ctx.threshold
-    return MethodOutput(values=values, head=head, changed=(head | ctx.head) & ~ctx.brain)
+    return MethodOutput(values=values, head=head)

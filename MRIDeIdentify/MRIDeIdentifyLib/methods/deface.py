@@ -6,21 +6,14 @@ follows the subject's face outline. The removal baseline that most shared datase
 """
 from __future__ import annotations
 
-import SimpleITK as sitk
-
-from ..registration import warp
-from ..template import fit_template, load_template
+from ..template import template_on_subject
 from . import MethodContext, MethodOutput, register
 
 
 @register("deface", summary="remove the face with pydeface's face mask registered to the subject (no FSL)",
           role="removal baseline (pydeface-like)")
 def run(ctx: MethodContext) -> MethodOutput:
-    template = load_template()
-    with ctx.stage("register"):
-        transform = fit_template(ctx.image, ctx.head, seed=ctx.seed)
-    with ctx.stage("warp"):
-        face = sitk.GetArrayFromImage(warp(template.face, ctx.image, transform, sitk.sitkNearestNeighbor)) > 0
+    (face,) = template_on_subject(ctx, "face")
     face &= ~ctx.brain
     values = ctx.array.copy()
     values[face] = 0.0

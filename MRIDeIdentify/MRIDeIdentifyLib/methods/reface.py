@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from ..registration import warp
-from ..template import fit_template, load_template
+from ..template import template_on_subject
 from . import MethodContext, MethodOutput, register
 
 # Quantiles matched between the template and the subject (percent): dense enough to follow fat, muscle
@@ -27,19 +26,14 @@ _GAIN_RANGE = (0.5, 4.0)
 @register("reface", summary="replace face, ears, scalp and skull by an average head registered to the subject",
           role="data-light remodeling baseline (like mri_reface / AFNI refacer)")
 def run(ctx: MethodContext) -> MethodOutput:
-    template = load_template()
-    with ctx.stage("register"):
-        transform = fit_template(ctx.image, ctx.head, seed=ctx.seed)
-    with ctx.stage("warp"):
-        values = sitk.GetArrayFromImage(warp(template.image, ctx.image, transform))
-        head = sitk.GetArrayFromImage(warp(template.head, ctx.image, transform, sitk.sitkNearestNeighbor)) > 0
+    values, head = template_on_subject(ctx, "image", "head")
     with ctx.stage("intensity match"):
         overlap = head & ctx.head & ~ctx.brain
         values = match_intensities(values, ctx.array, overlap, fallback=ctx.head & ~ctx.brain)
         values *= local_gain(values, ctx.array, overlap & (ctx.array > ctx.threshold),
                              np.asarray(ctx.image.GetSpacing()[::-1]))
     head |= ctx.brain
-    return MethodOutput(values=values, head=head, changed=(head | ctx.head) & ~ctx.brain)
+    return MethodOutput(values=values, head=head)
 
 
 def match_intensities(values: np.ndarray, reference: np.ndarray, region: np.ndarray,

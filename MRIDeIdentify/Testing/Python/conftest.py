@@ -1,4 +1,7 @@
-"""Shared fixtures: the real head scans in ../shared/data (never copied into the repository)."""
+"""Shared fixtures: the real head scans in ../shared/data (never copied into the repository).
+
+The one place that says where that folder is: the benchmarks and scripts import SHARED_DATA from here.
+"""
 from __future__ import annotations
 
 import os

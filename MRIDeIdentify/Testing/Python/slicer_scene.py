@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-
 MODULE_DIR = Path(__file__).resolve().parents[2]
 MODULE_FILE = MODULE_DIR / "MRIDeIdentify.py"
 
@@ -42,6 +40,9 @@ class HeadlessSlicer:
     """One MRML scene with the logics the application would attach to it."""
 
     def __init__(self) -> None:
+        # The test process renders offscreen (EGL) when there is no display; importing this file sets nothing.
+        if not os.environ.get("DISPLAY"):
+            os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
         import slicer
 
         self.scene = slicer.vtkMRMLScene()

@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from conftest import DICOM_DIR, HEADS_DIR, SKIP_REASON
 from MRIDeIdentifyLib import cli
+from MRIDeIdentifyLib.reader import image_like
 
 ENHANCED_DICOM = DICOM_DIR / "S06_xa30_enhanced_T1w"
 CLASSIC_DICOM = DICOM_DIR / "S01_decubitus_HFS_T1_sag"
@@ -72,8 +73,7 @@ class Setup:
         return path
 
     def like_head(self, array: np.ndarray) -> sitk.Image:
-        image = sitk.GetImageFromArray(array)
-        image.CopyInformation(self.head)
+        image = image_like(array, self.head)
         return image
 
     def sphere_mask(self, radius_mm: float = 50.0) -> sitk.Image:

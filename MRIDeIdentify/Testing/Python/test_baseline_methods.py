@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from scipy import ndimage
 
 from MRIDeIdentifyLib.brainmask import extract_brain_mask
 from MRIDeIdentifyLib.headmask import head_mask, head_threshold
 from MRIDeIdentifyLib.methods.reface import local_gain, match_intensities
 from MRIDeIdentifyLib.pipeline import deidentify
-from MRIDeIdentifyLib.reader import read_volume, ras_affine
+from MRIDeIdentifyLib.reader import image_like, ras_affine, read_volume
 from MRIDeIdentifyLib.registration import register, warp
 from MRIDeIdentifyLib.template import fit_template, load_template
 from MRIDeIdentifyLib.methods.quickshear import shear_mask
@@ -63,8 +62,7 @@ def scans(shared_data: Path):
     s05 = read_volume(heads / "S05_mne_sample_T1_3mm.mgz").image
     out = {}
     for name, image in (("S06_2mm_PIL", s06), ("S05_3mm_mgz", s05)):
-        brain = sitk.GetImageFromArray(extract_brain_mask(image).astype(np.uint8))
-        brain.CopyInformation(image)
+        brain = image_like(extract_brain_mask(image).astype(np.uint8), image)
         out[name] = (image, brain, np.eye(3))
     oblique = _oblique(s06)
     # Re-labelling the grid moves voxels and mask together: the S06 mask stays exact on the oblique copy.
@@ -184,8 +182,7 @@ def test_reface_replaces_the_face_surface_with_a_head_shaped_one(scans, results,
 def test_registration_puts_the_template_brain_on_the_subject_brain(scans, case):
     image, brain_image, _ = scans[case]
     template = load_template()
-    template_brain = sitk.GetImageFromArray(extract_brain_mask(template.image).astype(np.uint8))
-    template_brain.CopyInformation(template.image)
+    template_brain = image_like(extract_brain_mask(template.image).astype(np.uint8), template.image)
     transform = fit_template(image, head_mask(image), seed=0)
     warped = sitk.GetArrayFromImage(warp(template_brain, image, transform, sitk.sitkNearestNeighbor)) > 0
     brain = sitk.GetArrayFromImage(brain_image) > 0
@@ -196,8 +193,7 @@ def test_registration_puts_the_template_brain_on_the_subject_brain(scans, case):
 def test_registration_is_reproducible(scans):
     image = scans["S05_3mm_mgz"][0]
     template = load_template()
-    head = sitk.GetImageFromArray(head_mask(image).astype(np.uint8))
-    head.CopyInformation(image)
+    head = image_like(head_mask(image).astype(np.uint8), image)
     points = [(0.0, 80.0, -40.0), (30.0, -60.0, 20.0)]
     # On 8 mm copies to keep it quick; the same code runs at 4 mm.
     first, second = (register(image, template.image, head, template.head, spacing_mm=8.0, seed=3)

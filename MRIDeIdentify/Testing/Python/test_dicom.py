@@ -1,7 +1,7 @@
 """DICOM in and out on the shared classic (S01) and enhanced (S06, two series in one file each) inputs.
 
 Every check compares against what pydicom or SimpleITK read from the files themselves, never against
-dicom.py's own bookkeeping: geometry from Image Position/Orientation (Patient), pixels from pydicom's
+the dicom package's own bookkeeping: geometry from Image Position/Orientation (Patient), pixels from pydicom's
 pixel_array, PHI as the input's actual values searched as raw bytes in every output file.
 """
 from __future__ import annotations
@@ -20,7 +20,9 @@ import SimpleITK as sitk
 from conftest import DICOM_DIR, SKIP_REASON
 
 from MRIDeIdentifyLib import __version__, dicom
+from MRIDeIdentifyLib.dicom import writing
 from MRIDeIdentifyLib.errors import InputError
+from MRIDeIdentifyLib.reader import image_like
 
 S01 = DICOM_DIR / "S01_decubitus_HFS_T1_sag"
 S06 = DICOM_DIR / "S06_xa30_enhanced_T1w"
@@ -72,7 +74,7 @@ def _slices(files: List[Path]) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray,
         if "PerFrameFunctionalGroupsSequence" in ds:
             shared = ds.SharedFunctionalGroupsSequence[0]
             for index, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
-                def get(keyword, frame=frame):
+                def get(keyword, frame=frame, shared=shared):
                     return (frame if keyword in frame else shared)[keyword][0]
                 out.append((np.array(get("PlanePositionSequence").ImagePositionPatient, float),
                             np.array(get("PlaneOrientationSequence").ImageOrientationPatient, float),
@@ -112,8 +114,7 @@ def written(request, tmp_path_factory) -> Dict[str, object]:
     box[k // 4: 3 * k // 4, j // 4: 3 * j // 4, i // 4: 3 * i // 4] = True
     changed = values.copy()
     changed[~box] = (np.arange((~box).sum()) % 1000 + 7).astype(values.dtype)
-    modified = sitk.GetImageFromArray(changed)
-    modified.CopyInformation(image)
+    modified = image_like(changed, image)
     out = tmp_path_factory.mktemp("dicom") / "out"
     files = dicom.write_series(modified, source, out, method="blur", tool_version=__version__,
                                uid_map=dicom.UIDMap(SECRET))
@@ -433,8 +434,8 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         if len(calls) == 3:
             raise OSError("disk full")
         original_save(ds, path)
-    original_save = dicom._save
-    monkeypatch.setattr(dicom, "_save", failing_save)
+    original_save = writing._save
+    monkeypatch.setattr(writing, "_save", failing_save)
     with pytest.raises(OSError):
         dicom.write_series(image, source, tmp_path / "out", method="blur", tool_version=__version__,
                            uid_map=dicom.UIDMap())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import SimpleITK as sitk
 from scipy.spatial.transform import Rotation
 
 from MRIDeIdentifyLib import render
-from MRIDeIdentifyLib.reader import read_volume
+from MRIDeIdentifyLib.reader import image_like, image_stem, read_volume
 
 attacks = pytest.importorskip("MRIDeIdentifyLib.evaluation.attacks")
 pytest.importorskip("dlib", reason="the evaluation needs the 'eval' extra (dlib-bin)")
@@ -92,13 +93,11 @@ def test_exactness_catches_a_changed_brain_voxel_and_a_moved_grid(s06):
     brain[40:60, 50:80, 50:80] = True
     changed = array.copy()
     changed[~brain] = 0
-    output = sitk.GetImageFromArray(changed)
-    output.CopyInformation(image)
+    output = image_like(changed, image)
     assert exactness(image, output, brain) == {"grid_equal": True, "brain_exact": True,
                                                "changed_fraction": pytest.approx(np.mean(changed != array))}
     changed[50, 60, 60] += 1
-    tampered = sitk.GetImageFromArray(changed)
-    tampered.CopyInformation(image)
+    tampered = image_like(changed, image)
     assert exactness(image, tampered, brain)["brain_exact"] is False
     output.SetOrigin(np.add(image.GetOrigin(), 0.5).tolist())
     assert exactness(image, output, brain)["grid_equal"] is False
@@ -119,8 +118,7 @@ def test_fidelity_same_scan_agrees_and_a_stripped_head_drifts(s06):
     head = array > render.skin_threshold(image)
     from scipy import ndimage
     stripped = np.where(ndimage.binary_erosion(head, iterations=8), array, 0).astype(array.dtype)
-    scalp_gone = sitk.GetImageFromArray(stripped)
-    scalp_gone.CopyInformation(image)
+    scalp_gone = image_like(stripped, image)
     drift = fidelity.compare(original, fidelity.analyse(scalp_gone, spacing_mm=4.0))
     # Without scalp the whole-head registration drifts, or Atropos gives up: either is what the report flags.
     assert drift["failed"] == 1.0 or drift["dice_brain"] < again["dice_brain"] - 0.01
@@ -144,10 +142,8 @@ def _small_dataset(shared_data, folder):
         head = sitk.GetArrayFromImage(image) > render.skin_threshold(image)
         spacing = min(image.GetSpacing())
         brain = ndimage.binary_erosion(ndimage.binary_fill_holes(head), iterations=int(round(25 / spacing)))
-        mask = sitk.GetImageFromArray(brain.astype(np.uint8))
-        mask.CopyInformation(image)
-        stem = name.replace(".nii.gz", "").replace(".mgz", "")
-        sitk.WriteImage(mask, str(masks / f"{stem}.nii.gz"))
+        mask = image_like(brain.astype(np.uint8), image)
+        sitk.WriteImage(mask, str(masks / f"{image_stem(Path(name))}.nii.gz"))
     return data, folder / "out"
 
 
@@ -185,10 +181,45 @@ def test_evaluate_small_report(shared_data, tmp_path, capsys):
 
 
 def test_evaluate_rejects_unknown_method_and_missing_folder(tmp_path, capsys):
-    from MRIDeIdentifyLib.evaluation import main
+    from MRIDeIdentifyLib.cli import main
 
-    assert main(["--data", str(tmp_path / "absent"), "--methods", "blur", "--out", str(tmp_path / "o")]) == 2
+    assert main(["evaluate", "--data", str(tmp_path / "absent"), "--methods", "blur", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("mri-deidentify: error: ")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "S01_x.nii.gz").symlink_to(tmp_path / "nowhere")  # discovered by name only
-    assert main(["--data", str(tmp_path / "d"), "--methods", "nosuchmethod", "--out", str(tmp_path / "o")]) == 2
-    assert "unknown method" in capsys.readouterr().err
+    assert main(["evaluate", "--data", str(tmp_path / "d"), "--methods", "nosuchmethod", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "mri-deidentify: error: " in capsys.readouterr().err
+
+
+FIVE_PEOPLE = ["S03_niivue_T1_2mm_mni.nii.gz", "S04_robex_ref_T1.nii.gz", "S05_mne_sample_T1_3mm.mgz",
+               "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz", "S12_colin27_ch2.nii.gz"]
+
+
+def test_a_folder_without_template_gets_the_shipped_average_head(shared_data, tmp_path):
+    """Five scans of five people, no template: the shipped average head joins as distractor and control."""
+    from MRIDeIdentifyLib.evaluation.runner import SHIPPED_TEMPLATE, discover, with_template
+    from MRIDeIdentifyLib.template import HEAD_FILE
+
+    for name in FIVE_PEOPLE:
+        (tmp_path / name).symlink_to(shared_data / "heads" / name)
+    scans = with_template(discover(tmp_path))
+    assert [s.name for s in scans if not s.template] == [image_stem(Path(n)) for n in FIVE_PEOPLE]
+    (template,) = [s for s in scans if s.template]
+    assert template.name == SHIPPED_TEMPLATE and template.path.name == HEAD_FILE
+    assert read_volume(template.path).image.GetSize() == (176, 256, 256)
+    # A folder that brings its own template keeps it and gets no second one.
+    (tmp_path / "T02_MNI152_T1_2mmEXT.nii.gz").symlink_to(shared_data / "heads" / "T02_MNI152_T1_2mmEXT.nii.gz")
+    assert [s.name for s in with_template(discover(tmp_path)) if s.template] == ["T02_MNI152_T1_2mmEXT"]
+
+
+def test_controls_pass_without_a_same_person_pair_but_not_without_the_average_face():
+    from MRIDeIdentifyLib.evaluation.report import controls_passed
+
+    rerender, average, same = ("control: re-render", (True, "")), ("control: average face", (True, "")), \
+        ("control: same person", (True, ""))
+    assert controls_passed(dict([rerender, average]))
+    assert controls_passed(dict([rerender, average, same]))
+    assert not controls_passed(dict([rerender, same]))
+    assert not controls_passed(dict([rerender, average, ("control: same person", (False, ""))]))

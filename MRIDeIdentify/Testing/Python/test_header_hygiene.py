@@ -17,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from MRIDeIdentifyLib import cli
+from MRIDeIdentifyLib.reader import image_like
 
 NAME_IN_PATH = "DoeJohnPatientName"
 NIFTI_FIELDS = {"descrip": 80, "aux_file": 24, "intent_name": 16, "db_name": 18, "data_type": 10}
@@ -32,8 +33,7 @@ def _brain_box(image_path: Path, out: Path) -> Path:
     mask = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
     k, j, i = mask.shape
     mask[k // 3: 2 * k // 3, j // 3: 2 * j // 3, i // 3: 2 * i // 3] = 1
-    mask_image = sitk.GetImageFromArray(mask)
-    mask_image.CopyInformation(image)
+    mask_image = image_like(mask, image)
     sitk.WriteImage(mask_image, str(out))
     return out
 

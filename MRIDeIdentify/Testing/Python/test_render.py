@@ -9,7 +9,7 @@ from conftest import head_files, params
 from PIL import Image
 
 from MRIDeIdentifyLib import render
-from MRIDeIdentifyLib.reader import read_volume
+from MRIDeIdentifyLib.reader import image_like, read_volume
 
 SIZE = 192
 
@@ -29,8 +29,7 @@ def _synthetic_head(direction: np.ndarray, nose: bool = True) -> sitk.Image:
     if nose:  # a cone 30 mm long in front of the face (anterior is -y in LPS), below the eyes' level
         along = -100 - y
         inside |= (along > -10) & (along < 25) & (x ** 2 + (z + 20) ** 2 < (0.6 * (25 - along)) ** 2)
-    out = sitk.GetImageFromArray((100.0 * inside).astype(np.float32))
-    out.CopyInformation(image)
+    out = image_like((100.0 * inside).astype(np.float32), image)
     return out
 
 
@@ -124,8 +123,7 @@ def test_write_qa_before_after(head_path, tmp_path):
     head = array > render.skin_threshold(before)
     after_array = array.copy()
     after_array[depth > depth[head].max() - 30.0] = 0  # the front 30 mm removed: a crude deface
-    after = sitk.GetImageFromArray(after_array)
-    after.CopyInformation(before)
+    after = image_like(after_array, before)
 
     paths = render.write_qa(before, after, tmp_path / "qa", size=SIZE)
     assert [p.name for p in paths] == ["qa_before_frontal.png", "qa_before_45deg.png", "qa_after_frontal.png",

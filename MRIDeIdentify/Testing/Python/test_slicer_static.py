@@ -23,12 +23,13 @@ MODULE_DIR = REPO / "MRIDeIdentify"
 MODULE_FILE = MODULE_DIR / "MRIDeIdentify.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MRIDeIdentify.ui"
 ENGINE_DIR = MODULE_DIR / "MRIDeIdentifyLib"
+SLICER_PACKAGE_DIR = MODULE_DIR / "MRIDeIdentifySlicer"
 INDEX_ENTRY = REPO / "MRIDeIdentify.json"
 
 # Modules Slicer's own Python ships (5.8 and later): the engine may import them without an install step.
 SLICER_BUNDLED = {"numpy", "scipy", "SimpleITK", "vtk", "PIL", "pydicom"}
 # Lazy imports on paths the Slicer Logic never takes (it passes images, never file paths).
-NOT_REACHED_FROM_SLICER = {("dicom.py", "dicomanonymizer"): "writes de-identified DICOM series"}
+NOT_REACHED_FROM_SLICER = {("confidentiality.py", "dicomanonymizer"): "writes de-identified DICOM series"}
 # Fields of Slicer's catalog-entry schema v1.0.1 (Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json).
 INDEX_REQUIRED = {"$schema", "category", "scm_url"}
 INDEX_ALLOWED = INDEX_REQUIRED | {"scm_revision", "scm_type", "build_dependencies", "build_subdirectory", "enabled",
@@ -173,7 +174,8 @@ def test_module_cmake_lists_equal_the_files_on_disk():
     resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
     assert len(scripts) == len(set(scripts)) and len(resources) == len(set(resources)), "duplicate entries"
     engine = _files_under(ENGINE_DIR)
-    expected_scripts = {"MRIDeIdentify.py"} | {f for f in engine if f.endswith(".py")}
+    expected_scripts = {"MRIDeIdentify.py"} | {f for f in engine | _files_under(SLICER_PACKAGE_DIR)
+                                               if f.endswith(".py")}
     expected_resources = _files_under(MODULE_DIR / "Resources") | {f for f in engine if not f.endswith(".py")}
     assert set(scripts) == expected_scripts, (
         f"MODULE_PYTHON_SCRIPTS: add {sorted(expected_scripts - set(scripts))}, "
@@ -204,6 +206,17 @@ def test_extension_metadata_is_complete():
     assert (REPO / "LICENSE").is_file()
 
 
+def test_the_panel_screenshot_is_what_the_index_and_the_readme_show():
+    """docs/panel.png is the first screenshot URL (the Extensions Index reads it from the CMakeLists.txt of the
+    repository its JSON entry points at: the catalog schema has no screenshot field) and the README shows it."""
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    urls = _cmake_value(cmake, "EXTENSION_SCREENSHOTURLS").split()
+    assert urls[0].endswith("/main/docs/panel.png") and (REPO / "docs" / "panel.png").is_file()
+    entry = json.loads(INDEX_ENTRY.read_text())
+    assert entry["scm_url"].removesuffix(".git").split("github.com/")[1] in urls[0]
+    assert "](docs/panel.png)" in (REPO / "README.md").read_text()
+
+
 def test_extensions_index_entry_follows_the_catalog_schema():
     entry = json.loads(INDEX_ENTRY.read_text())
     cmake = (REPO / "CMakeLists.txt").read_text()
@@ -232,6 +245,11 @@ def _engine_files() -> list[Path]:
     return sorted(p for p in ENGINE_DIR.rglob("*.py") if "__pycache__" not in p.parts)
 
 
+def _slicer_files() -> list[Path]:
+    """What runs in (or for) the application: the module file and its Slicer-side package."""
+    return [MODULE_FILE, *sorted(p for p in SLICER_PACKAGE_DIR.rglob("*.py") if "__pycache__" not in p.parts)]
+
+
 def _imported_roots(tree: ast.AST) -> set[str]:
     roots = set()
     for node in ast.walk(tree):
@@ -242,21 +260,56 @@ def _imported_roots(tree: ast.AST) -> set[str]:
     return roots
 
 
-def test_module_file_imports_neither_torch_nor_the_engine_at_load():
+def _top_level_imports(tree: ast.Module) -> set[str]:
+    return _imported_roots(ast.Module(body=[node for node in tree.body
+                                            if isinstance(node, (ast.Import, ast.ImportFrom))], type_ignores=[]))
+
+
+def test_module_file_and_its_package_import_neither_torch_nor_the_engine_at_load():
     """Slicer imports every module file at startup, before PyTorch may be installed: the engine (which imports
-    torch) is imported inside the Logic's methods only."""
+    torch) and SimpleITK are imported inside the functions that use them only."""
+    allowed = set(sys.stdlib_module_names) | {"numpy", "qt", "vtk", "slicer", "MRIDeIdentifySlicer"}
+    used_engine = set()
+    for path in _slicer_files():
+        tree = ast.parse(path.read_text())
+        top_level = _top_level_imports(tree)
+        assert top_level <= allowed, f"{path.name} imports {sorted(top_level - allowed)} at load"
+        used_engine |= _imported_roots(tree) & {"MRIDeIdentifyLib"}
+    assert used_engine == {"MRIDeIdentifyLib"}, "the Logic must call the engine"
+    worker = ast.parse((SLICER_PACKAGE_DIR / "worker.py").read_text())
+    assert _top_level_imports(worker) <= set(sys.stdlib_module_names), "the child must not need Slicer"
+    assert not _imported_roots(worker) & {"slicer", "qt", "vtk"}
+
+
+def test_no_second_ras_lps_conversion_beside_the_engine():
+    """The node <-> image geometry goes through the engine's reader (set_ras_affine / ras_affine)."""
+    for path in _slicer_files():
+        text = path.read_text()
+        assert not re.search(r"-1\.?0?,\s*-1\.?0?,\s*1\.?0?\]", text), f"{path.name} flips RAS/LPS itself"
+    assert "set_ras_affine" in (SLICER_PACKAGE_DIR / "nodes.py").read_text()
+
+
+def test_module_file_holds_the_four_classes_and_no_helpers():
+    """Helpers live in MRIDeIdentifySlicer (or the engine): the module file defines the module, Widget, Logic and
+    Test classes, and the two small records the Logic returns."""
     tree = ast.parse(MODULE_FILE.read_text())
-    top_level = _imported_roots(ast.Module(body=[node for node in tree.body
-                                                 if isinstance(node, (ast.Import, ast.ImportFrom))],
-                                           type_ignores=[]))
-    assert top_level <= {"__future__", "logging", "os", "threading", "time", "typing", "numpy", "qt", "vtk", "slicer"}, top_level
-    assert _imported_roots(tree) >= {"MRIDeIdentifyLib"}, "the Logic must call the engine"
+    functions = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    classes = [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
+    assert functions == [], f"module-level helpers in MRIDeIdentify.py: {functions}"
+    assert classes == ["MRIDeIdentify", "MRIDeIdentifyWidget", "ProcessOutcome", "_Request", "MRIDeIdentifyLogic",
+                       "MRIDeIdentifyTest"], classes
+    names = {node.name for path in _slicer_files()[1:] + _engine_files()
+             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
+    logic = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "MRIDeIdentifyLogic")
+    private = {node.name for node in logic.body if isinstance(node, ast.FunctionDef) and node.name.startswith("_")
+               and not node.name.startswith("__")}
+    assert not private & names, f"the Logic redefines helpers that exist elsewhere: {sorted(private & names)}"
 
 
 def test_engine_never_imports_qt_ctk_or_slicer():
     for path in _engine_files():
         roots = _imported_roots(ast.parse(path.read_text()))
-        assert not roots & {"qt", "ctk", "slicer", "PythonQt", "PyQt5", "PySide2", "PySide6"}, path
+        assert not roots & {"qt", "ctk", "slicer", "PythonQt", "PyQt5", "PySide2", "PySide6", "MRIDeIdentifySlicer"}, path
         assert "slicer.app" not in path.read_text(), path
 
 
@@ -287,9 +340,10 @@ def _engine_imports(path: Path, tree: ast.AST) -> set[str]:
 
 
 def _reached_from_the_logic() -> list[Path]:
-    """Engine files the Slicer Logic can run: what MRIDeIdentify.py imports, transitively."""
+    """Engine files the Slicer Logic can run: what MRIDeIdentify.py and its Slicer package (the child process's
+    worker included) import, transitively."""
     files = {_module_name(p): p for p in _engine_files()}
-    pending = _engine_imports(MODULE_FILE, ast.parse(MODULE_FILE.read_text()))
+    pending = set().union(*(_engine_imports(path, ast.parse(path.read_text())) for path in _slicer_files()))
     reached: set[str] = set()
     while pending:
         name = pending.pop()
@@ -303,11 +357,11 @@ def _reached_from_the_logic() -> list[Path]:
 
 def test_engine_dependencies_are_slicer_bundled_or_installed_by_the_module():
     """Everything the engine code the Logic runs imports (or finds by name) must exist in Slicer's Python once the
-    module has run its installer: Slicer's own packages, torch (PyTorchUtils) or one of PIP_REQUIREMENTS."""
-    module_tree = ast.parse(MODULE_FILE.read_text())
-    requirements = next(node.value for node in module_tree.body if isinstance(node, ast.AnnAssign)
-                        and getattr(node.target, "id", "") == "PIP_REQUIREMENTS")
-    installed = {element.elts[0].value for element in requirements.elts}
+    module has run its installer: Slicer's own packages, torch (PyTorchUtils) or one of dependencies.REQUIREMENTS."""
+    tree = ast.parse((SLICER_PACKAGE_DIR / "dependencies.py").read_text())
+    requirements = next(node.value for node in tree.body if isinstance(node, ast.AnnAssign)
+                        and getattr(node.target, "id", "") == "REQUIREMENTS")
+    installed = {element.args[0].value for element in requirements.elts}
     allowed = SLICER_BUNDLED | {"torch"} | installed
     reached = _reached_from_the_logic()
     assert {"pipeline.py", "render.py", "blur.py"} <= {p.name for p in reached}
@@ -321,8 +375,8 @@ def test_engine_dependencies_are_slicer_bundled_or_installed_by_the_module():
                        if root not in sys.stdlib_module_names and root != "MRIDeIdentifyLib"
                        and (path.name, root) not in NOT_REACHED_FROM_SLICER}
         assert third_party <= allowed, (
-            f"{path.relative_to(REPO)} needs {sorted(third_party - allowed)}: add it to PIP_REQUIREMENTS in "
-            "MRIDeIdentify.py (or to SLICER_BUNDLED here if Slicer ships it)")
+            f"{path.relative_to(REPO)} needs {sorted(third_party - allowed)}: add it to REQUIREMENTS in "
+            "MRIDeIdentifySlicer/dependencies.py (or to SLICER_BUNDLED here if Slicer ships it)")
 
 
 def test_slicer_util_functions_are_called_through_slicer_util():
@@ -333,8 +387,8 @@ def test_slicer_util_functions_are_called_through_slicer_util():
     util = ast.parse(Path(spec.origin).read_text())
     util_names = {node.name for node in util.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     here = Path(__file__).parent
-    for path in [MODULE_FILE, REPO / "scripts" / "make_screenshot.py", here / "slicer_scene.py",
-                 here / "test_slicer_module.py"]:
+    for path in [*_slicer_files(), REPO / "scripts" / "make_screenshot.py", here / "slicer_scene.py",
+                 here / "test_slicer_module.py", REPO / "benchmarks" / "bench_slicer_child.py"]:
         if not path.is_file():
             continue
         misused = sorted({f"slicer.{node.attr} (line {node.lineno})" for node in ast.walk(ast.parse(path.read_text()))
@@ -349,7 +403,8 @@ def test_module_and_engine_parse_on_python_3_9():
     if vermin is None:
         pytest.skip("vermin is not installed (pip install vermin)")
     command = [vermin, "-q", "--no-tips", "--violations", "-t=3.9-"]
-    result = subprocess.run(command + [str(MODULE_FILE), str(ENGINE_DIR)], capture_output=True, text=True)
+    result = subprocess.run(command + [str(MODULE_FILE), str(SLICER_PACKAGE_DIR), str(ENGINE_DIR)], capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -367,7 +422,7 @@ def test_module_and_engine_compile_with_a_real_python_3_9():
     python39 = _python39()
     if python39 is None:
         pytest.skip("no Python 3.9 interpreter on this machine")
-    files = [str(MODULE_FILE), *map(str, _engine_files())]
+    files = [*map(str, _slicer_files()), *map(str, _engine_files())]
     script = "import sys\nfor f in sys.argv[1:]:\n    compile(open(f, encoding='utf-8').read(), f, 'exec')\n"
     result = subprocess.run([python39, "-c", script, *files], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -404,5 +459,21 @@ def _runtime_unions(tree: ast.AST) -> list[int]:
 def test_no_runtime_type_unions():
     assert _runtime_unions(ast.parse("def f(x: int | None) -> str | None: ...")) == []
     assert _runtime_unions(ast.parse("isinstance(x, int | float)")) == [1]
-    for path in [MODULE_FILE, *_engine_files()]:
+    for path in [*_slicer_files(), *_engine_files()]:
         assert _runtime_unions(ast.parse(path.read_text())) == [], path
+
+
+# --- the repository: under the Extensions Index's size check -------------------------------------------------------
+
+def test_repository_with_its_history_stays_under_the_index_size_limit():
+    """The Extensions Index refuses repositories over 100 MB, history included. Every committed checkpoint stays in
+    the history for good; this fails at 90 MiB, before the Index does."""
+    git = shutil.which("git")
+    if git is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run([git, "count-objects", "-v"], capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        pytest.skip(done.stderr.strip())
+    sizes = dict(line.split(": ") for line in done.stdout.splitlines())
+    mib = (int(sizes["size"]) + int(sizes["size-pack"])) / 1024
+    assert mib < 90, f"the repository holds {mib:.0f} MiB of git objects; keep checkpoints out of git"

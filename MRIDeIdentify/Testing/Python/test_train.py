@@ -29,7 +29,11 @@ def _synthetic_head(size: int, name: str = "ball") -> train.Head:
     head = _ball(size, 0.42) | _ball(size, 0.12, (0.0, -0.38, 0.0))
     brain = _ball(size, 0.28)
     volume = np.where(head, 0.6, 0.0) - 0.5 * (_ball(size, 0.32) & ~brain) + np.where(brain, 0.4, 0.0)
-    return train.Head(name, volume.astype(np.float32), brain)
+    # The face-prior skin channel: the scalp ball's signed distance in mm on a 256 mm cube.
+    axis = (np.arange(size) - (size - 1) / 2) * (256.0 / size)
+    k, j, i = np.meshgrid(axis, axis, axis, indexing="ij")
+    skin = np.sqrt(k ** 2 + j ** 2 + i ** 2) - 0.42 * 256.0
+    return train.Head(name, volume.astype(np.float32), brain, skin.astype(np.float32))
 
 
 def _models(size: int, seed: int = 0):
@@ -118,7 +122,7 @@ def test_two_process_ddp_step_equals_the_single_process_step(tmp_path):
     config = train.TrainConfig(size=16, batch=2, rotations=4)
     model_config, g, d = _models(16)
     heads = [_synthetic_head(16, "a"), train.Head("b", np.flip(_synthetic_head(16).volume, 1).copy(),
-                                                  _synthetic_head(16).brain)]
+                                                  _synthetic_head(16).brain, _synthetic_head(16).skin)]
     batch = train.make_batch(heads, config, model_config, torch.Generator().manual_seed(5), "cpu")
     opt_g, opt_d = _sgd(g), _sgd(d)
     train.train_step(g, d, opt_g, opt_d, batch, config.recon_weight)
@@ -141,7 +145,7 @@ def _dataset(tmp_path: Path, size: int) -> Path:
         head = _synthetic_head(size, name)
         volume = np.flip(head.volume, 2).copy() if flip else head.volume
         sitk.WriteImage(sitk.GetImageFromArray(volume), str(data / f"{name}.nii.gz"))
-        np.savez_compressed(cache / f"{name}.s{size}.m3.npz", volume=volume, brain=head.brain)
+        np.savez_compressed(cache / f"{name}.s{size}.m3.face.npz", volume=volume, brain=head.brain, skin=head.skin)
     return data
 
 
