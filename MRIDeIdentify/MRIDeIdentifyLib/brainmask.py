@@ -8,15 +8,15 @@ from __future__ import annotations
 import functools
 import importlib.util
 from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from .errors import InputError
-from .headmask import fill_holes
+from .headmask import fill_holes, largest_component
 
 # deepbet's networks see the brain's bounding box resized to this cube, its coarse localiser the whole head.
 _DEEPBET_SHAPE = (256, 256, 256)
@@ -42,46 +42,78 @@ def extract_brain_mask(image: sitk.Image, device: torch.device | str = "cpu") ->
     """deepbet brain mask of ``image``, as bool KJI on ``image``'s own grid (not dilated)."""
     device = torch.device(device)
     work = _ras_work_image(image)
-    x = torch.from_numpy(_ras_array(work)).to(device)
-    probability = _deepbet_probability(x, device)
-    prob_image = sitk.GetImageFromArray(_from_ras_array(probability.cpu().numpy()))
-    prob_image.CopyInformation(work)
-    grid = sitk.Image(image.GetSize(), sitk.sitkUInt8)
-    grid.CopyInformation(image)
-    native = sitk.GetArrayFromImage(sitk.Resample(prob_image, grid, sitk.Transform(), sitk.sitkLinear, 0.0,
-                                                  sitk.sitkFloat32))
-    mask = native > 0.5
+    probability, box = _deepbet_probability(torch.from_numpy(_ras_array(work)).to(device), device)
+    mask = _box_to_native(probability.cpu().numpy(), box, work, image) > 0.5
     if not mask.any():
         raise InputError("no brain found in the input (the brain extractor returned an empty mask); "
                          "pass a mask with --brain-mask")
-    return _largest_filled(mask)
+    return fill_holes(largest_component(mask))
 
 
-def _deepbet_probability(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """deepbet's two-stage inference on a RAS array (I, J, K), returning the brain probability."""
+def _deepbet_probability(x: torch.Tensor, device: torch.device) -> Tuple[torch.Tensor, Tuple[slice, ...]]:
+    """deepbet's two-stage inference on a RAS array (I, J, K): the brain probability inside the box it
+    searched, and that box (slices of ``x``); the probability is 0 everywhere else."""
     bbox_model, model = _deepbet_models(str(device))
     x = torch.nan_to_num(x.float())
     small = F.interpolate(x[None, None], _DEEPBET_SMALL, mode="nearest-exact")[0, 0]
-    low, high = small.quantile(0.005), small.quantile(0.995)
+    # Both levels from one sort: the same values as two quantile() calls, half the time.
+    low, high = small.quantile(torch.tensor([0.005, 0.995], device=device))
     with torch.no_grad():
         coarse = bbox_model(_normalise(small, low, high)[None, None])[0, 1] > 0.5
-    coarse = torch.from_numpy(_largest_filled(coarse.cpu().numpy())).to(device)
+    coarse = torch.from_numpy(fill_holes(largest_component(coarse.cpu().numpy()))).to(device)
     if not coarse.any():
         raise InputError("no brain found in the input (the brain localiser found nothing); pass --brain-mask")
     box = _bounding_box(coarse, x.shape)
     crop = F.interpolate(x[box][None, None], _DEEPBET_SHAPE, mode="nearest-exact")
     with torch.no_grad():
         fine = model(_normalise(crop, low, high))[0, 1]
-    probability = torch.zeros_like(x)
-    probability[box] = F.interpolate(fine[None, None], probability[box].shape, mode="trilinear",
-                                     align_corners=False)[0, 0]
-    return probability
+    shape = tuple(s.stop - s.start for s in box)
+    return F.interpolate(fine[None, None], shape, mode="trilinear", align_corners=False)[0, 0], box
+
+
+def _box_to_native(probability: np.ndarray, box: Tuple[slice, ...], work: sitk.Image,
+                   image: sitk.Image) -> np.ndarray:
+    """The work grid's probability (``probability`` inside ``box``, 0 elsewhere) linearly resampled onto
+    ``image``'s grid (KJI float32), resampling only the native voxels that can see the box.
+
+    The box is given a ring of zeros one work voxel wide, so that interpolation near its edge reads the same
+    zeros it would read on the whole work grid; native voxels whose point lies outside that ring interpolate
+    zeros only and stay 0. Resampling the whole head instead costs 2-4x more.
+    """
+    size = work.GetSize()
+    start = [max(0, s.start - 1) for s in box]
+    stop = [min(n, s.stop + 1) for s, n in zip(box, size)]
+    ringed = np.zeros([b - a for a, b in zip(start, stop)], np.float32)
+    ringed[tuple(slice(s.start - a, s.stop - a) for s, a in zip(box, start))] = probability
+    region = sitk.GetImageFromArray(_from_ras_array(ringed))
+    region.SetSpacing(work.GetSpacing())
+    region.SetDirection(work.GetDirection())
+    region.SetOrigin(work.TransformIndexToPhysicalPoint([int(a) for a in start]))
+    # Native continuous indices of the ringed region's corners bound every native voxel that can see it.
+    corners = np.array([image.TransformPhysicalPointToContinuousIndex(
+        region.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k))))
+        for i in (-0.5, ringed.shape[0] - 0.5) for j in (-0.5, ringed.shape[1] - 0.5)
+        for k in (-0.5, ringed.shape[2] - 0.5)])
+    low = np.maximum(np.floor(corners.min(axis=0)).astype(int), 0)
+    high = np.minimum(np.ceil(corners.max(axis=0)).astype(int) + 1, image.GetSize())
+    native = np.zeros(image.GetSize()[::-1], np.float32)
+    if np.any(high <= low):
+        return native
+    grid = sitk.Image([int(n) for n in high - low], sitk.sitkUInt8)
+    grid.SetSpacing(image.GetSpacing())
+    grid.SetDirection(image.GetDirection())
+    grid.SetOrigin(image.TransformIndexToPhysicalPoint([int(a) for a in low]))
+    resampled = sitk.Resample(region, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    native[low[2]:high[2], low[1]:high[1], low[0]:high[0]] = sitk.GetArrayViewFromImage(resampled)
+    return native
 
 
 def _normalise(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     # deepbet's own normalisation: clip to robust range, standardise, then map to ImageNet-like statistics.
-    x = ((x - low) / (high - low)).clamp(0, 1)
-    return 0.226 * (x - x.mean()) / x.std() + 0.449
+    # In place after the first step (same operations in the same order): the crop is 256^3 floats.
+    x = ((x - low) / (high - low)).clamp_(0, 1)
+    mean, std = x.mean(), x.std()
+    return x.sub_(mean).mul_(0.226).div_(std).add_(0.449)
 
 
 def _bounding_box(coarse: torch.Tensor, shape, margin: float = 0.1):
@@ -120,20 +152,11 @@ def _ras_work_image(image: sitk.Image) -> sitk.Image:
 
 def _ras_array(work: sitk.Image) -> np.ndarray:
     """The work image's voxels as an (I, J, K) = (R, A, S) array, the layout deepbet was trained on."""
-    return np.ascontiguousarray(sitk.GetArrayFromImage(work).transpose(2, 1, 0))
+    return np.ascontiguousarray(sitk.GetArrayViewFromImage(work).transpose(2, 1, 0))
 
 
 def _from_ras_array(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array.transpose(2, 1, 0))
-
-
-def _largest_filled(mask: np.ndarray) -> np.ndarray:
-    labels, count = ndimage.label(mask)
-    if count > 1:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        mask = labels == int(sizes.argmax())
-    return fill_holes(mask)
 
 
 def load_user_mask(mask_image: sitk.Image, reference: sitk.Image, head: np.ndarray | None = None) -> np.ndarray:
@@ -170,17 +193,49 @@ def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
 def dilate_mm(mask: np.ndarray, spacing_kji, margin_mm: float) -> np.ndarray:
     """``mask`` (bool KJI) grown by ``margin_mm`` millimetres (Euclidean, honouring anisotropic voxels).
 
-    ``spacing_kji`` is the voxel size in mm in KJI order (SimpleITK's GetSpacing() reversed).
+    ``spacing_kji`` is the voxel size in mm in KJI order (SimpleITK's GetSpacing() reversed). A voxel joins when
+    a mask voxel lies within ``margin_mm`` of it, centre to centre: the Euclidean distance transform thresholded
+    at the margin, computed as a union of shifted copies of the mask over the ball's offsets. The ball is cut
+    into rows along the last axis, and a row of half-width w is one run dilation shared by every row as wide,
+    so a 3 mm margin at 1 mm costs ~30 array ORs over the brain's box: 20-40x faster than the distance transform.
     """
     if margin_mm <= 0 or not mask.any():
         return mask.copy()
     spacing = np.asarray(spacing_kji, float)
-    pad = np.ceil(margin_mm / spacing).astype(int) + 1
-    ranges = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    box = tuple(slice(max(0, r[0] - p), min(n, r[-1] + p + 1)) for r, p, n in zip(ranges, pad, mask.shape))
-    # Distance from every voxel of the box to the nearest mask voxel; only the box can be within the margin.
-    distance = ndimage.distance_transform_edt(~mask[box], sampling=spacing)
-    grown = np.zeros_like(mask)
     # A margin equal to the voxel size must reach the next voxel despite float rounding of the distances.
-    grown[box] = distance <= margin_mm + 1e-6 * spacing.min()
+    limit = margin_mm + 1e-6 * spacing.min()
+    reach = np.floor(limit / spacing).astype(int)
+    ranges = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    box = tuple(slice(max(0, r[0] - p), min(n, r[-1] + p + 1)) for r, p, n in zip(ranges, reach, mask.shape))
+    inner = mask[box]
+    rows: Dict[int, List[Tuple[int, int]]] = {}
+    steps = np.arange(reach[2] + 1)
+    for dk in range(-reach[0], reach[0] + 1):
+        for dj in range(-reach[1], reach[1] + 1):
+            # The distance written as scipy's distance transform computes it, so that ties fall the same way.
+            within = np.sqrt((dk * spacing[0]) ** 2 + (dj * spacing[1]) ** 2 + (steps * spacing[2]) ** 2) <= limit
+            if within[0]:
+                rows.setdefault(int(np.flatnonzero(within)[-1]), []).append((dk, dj))
+    grown_box = np.zeros_like(inner)
+    run = inner.copy()
+    for width in range(max(rows) + 1):
+        if width:
+            previous = run.copy()
+            run[:, :, 1:] |= previous[:, :, :-1]
+            run[:, :, :-1] |= previous[:, :, 1:]
+        for dk, dj in rows.get(width, ()):
+            along_k, along_j = _shift(dk, inner.shape[0]), _shift(dj, inner.shape[1])
+            if along_k is not None and along_j is not None:
+                grown_box[along_k[0], along_j[0]] |= run[along_k[1], along_j[1]]
+    grown = np.zeros_like(mask)
+    grown[box] = grown_box
     return grown
+
+
+def _shift(step: int, length: int) -> Optional[Tuple[slice, slice]]:
+    """(destination, source) slices that move an axis of ``length`` by ``step``; None when nothing overlaps."""
+    if abs(step) >= length:
+        return None
+    if step >= 0:
+        return slice(step, length), slice(0, length - step)
+    return slice(0, length + step), slice(-step, length)

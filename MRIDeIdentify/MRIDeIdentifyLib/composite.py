@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
+from .headmask import dilate
 from .methods import MethodOutput
 
 # Background is sampled this far (voxels) from the head, beyond the skin's partial-volume rim.
@@ -24,8 +24,9 @@ def composite(image: sitk.Image, brain: np.ndarray, head: np.ndarray, output: Me
     ``brain`` (bool KJI) is the region copied exactly; ``head`` (bool KJI) and ``threshold`` (the head
     threshold, input units) find the input's background. The returned image shares no memory with ``image``.
     """
-    original = sitk.GetArrayFromImage(image)
-    values = np.where(output.head, output.values, np.float32(0)).astype(np.float32, copy=False)
+    original = sitk.GetArrayViewFromImage(image)
+    # One float32 working copy; air voxels are overwritten by the background.
+    values = np.array(output.values, dtype=np.float32)
     air = ~output.head
     if air.any():
         values[air] = _background_sample(original, head, threshold, int(air.sum()), seed)
@@ -43,7 +44,7 @@ def _background_sample(original: np.ndarray, head: np.ndarray, threshold: float,
     Only voxels below the head threshold count as air: ghosts and stray tissue bits outside the head mask
     would otherwise be sprinkled over the background as bright specks.
     """
-    far = ~ndimage.binary_dilation(head, iterations=_BACKGROUND_GAP_VOXELS)
+    far = ~dilate(head, _BACKGROUND_GAP_VOXELS)
     pool = original[far & (original < threshold)]
     if pool.size == 0:
         return np.full(count, original.min(), np.float32)
@@ -52,8 +53,8 @@ def _background_sample(original: np.ndarray, head: np.ndarray, threshold: float,
 
 
 def _to_dtype(values: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """``values`` in ``like``'s dtype: rounded and clipped to ``like``'s range for integers."""
-    low, high = like.min(), like.max()
+    """``values`` (float32, rounded in place) in ``like``'s dtype: rounded and clipped to ``like``'s range for
+    integers. The clip keeps numpy's own result type: for int32 or float64 inputs it computes in float64."""
     if like.dtype.kind in "iu":
-        return np.clip(np.rint(values), low, high).astype(like.dtype)
-    return np.clip(values, low, high).astype(like.dtype)
+        np.rint(values, out=values)
+    return np.clip(values, like.min(), like.max()).astype(like.dtype, copy=False)

@@ -54,7 +54,7 @@ def deidentify(image: sitk.Image, method: Optional[str] = None, *, brain_mask: O
     image = check_volume(image)
     torch_device = resolve_device(device)
     chosen.check(dict(options or {}), torch_device)
-    ctx = MethodContext(image=image, array=sitk.GetArrayFromImage(image).astype(np.float32), brain=None,
+    ctx = MethodContext(image=image, array=sitk.GetArrayViewFromImage(image).astype(np.float32), brain=None,
                         head=None, threshold=0.0, seed=int(seed), device=torch_device,
                         options=dict(options or {}), progress=progress, cancel=cancel)
     start = time.perf_counter()
@@ -83,6 +83,6 @@ def deidentify(image: sitk.Image, method: Optional[str] = None, *, brain_mask: O
 
 
 def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    out = sitk.GetImageFromArray(mask.astype(np.uint8))
+    out = sitk.GetImageFromArray(mask.view(np.uint8))  # GetImageFromArray copies
     out.CopyInformation(reference)
     return out

@@ -284,11 +284,11 @@ _NATIVE_SKIN_SPACING_MM = 1.5
 
 
 def native_skin(prior: FacePrior, vertices: np.ndarray, image: sitk.Image, brain_distance: sitk.Image) -> np.ndarray:
-    """The skin's signed distance on the input grid (float32 KJI, mm), exact over the partial-volume rim and
-    clipped just beyond it, which is all the native output needs."""
-    from .skin import RIM_VOXELS
+    """The skin's signed distance on the input grid (float32 KJI, mm), exact over the partial-volume rim and the
+    skin layer and clipped just beyond them, which is all the native output needs."""
+    from .skin import RIM_VOXELS, SKIN_LAYER_MM
 
-    clip = max(2.0 * _NATIVE_SKIN_SPACING_MM, RIM_VOXELS * float(max(image.GetSpacing())))
+    clip = max(2.0 * _NATIVE_SKIN_SPACING_MM, RIM_VOXELS * float(max(image.GetSpacing())), SKIN_LAYER_MM[1])
     return skin_distance(prior, vertices, image, brain_distance, spacing_mm=_NATIVE_SKIN_SPACING_MM, clip_mm=clip)
 
 

@@ -149,10 +149,21 @@ def _surface_samples(vertices: np.ndarray, triangles: np.ndarray, step: float) -
 RIM_VOXELS = 1.5
 
 
-def fade_into_air(values: np.ndarray, distance: np.ndarray, spacing: Tuple[float, ...], air: float) -> np.ndarray:
-    """``values`` (float32 KJI, modified in place and returned) faded into ``air`` across the skin: full tissue
-    inside, air outside, a linear partial-volume rim RIM_VOXELS native voxels wide centred on the surface
-    (``distance``: signed distance in mm on the same grid; ``spacing`` in mm)."""
+# Depth (mm) of the skin layer drawn at the scan's tissue level under the surface, and the depth over which it
+# gives way to the generator's values. Skin and subcutaneous fat are a few millimetres of bright T1 signal over
+# the skull; a 4 mm generator grid cannot hold a layer that thin, so without it a render at the skin level falls
+# through the forehead to the brain.
+SKIN_LAYER_MM = (2.0, 4.0)
+
+
+def draw_skin(values: np.ndarray, distance: np.ndarray, spacing: Tuple[float, ...], air: float,
+              tissue: float) -> np.ndarray:
+    """``values`` (float32 KJI, modified in place and returned) given the skin ``distance`` describes (signed,
+    mm, same grid; ``spacing`` in mm): at least ``tissue`` in the skin layer under the surface, then faded into
+    ``air`` across a linear partial-volume rim RIM_VOXELS native voxels wide centred on the surface."""
+    depth = -distance
+    layer = np.clip((SKIN_LAYER_MM[1] - depth) / (SKIN_LAYER_MM[1] - SKIN_LAYER_MM[0]), 0.0, 1.0)
+    np.maximum(values, air + layer * (tissue - air), out=values)
     rim = RIM_VOXELS * float(max(spacing))
     weight = np.clip(0.5 - distance / rim, 0.0, 1.0)
     values -= air

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from MRIDeIdentifyLib.errors import InputError
 from MRIDeIdentifyLib.faceprior import CLIP_SIGMAS, DEFAULT_PRIOR, load_face_prior, similarity_fit
-from MRIDeIdentifyLib.skin import fade_into_air, signed_distance
+from MRIDeIdentifyLib.skin import draw_skin, signed_distance
 
 from conftest import SHARED_DATA
 
@@ -129,7 +129,7 @@ def test_spheres_unite_with_the_mesh_and_the_rim_fades_into_air():
     # A voxel 3 mm inside the sphere standing off the mesh is inside the united surface.
     assert distance[29, 9, 29] < 0 and distance[29, 3, 29] > 0
     values = np.full(distance.shape, 100.0, np.float32)
-    faded = fade_into_air(values, distance, (2.0, 2.0, 2.0), 10.0)
+    faded = draw_skin(values, distance, (2.0, 2.0, 2.0), 10.0)
     assert faded[distance < -2.0].min() == 100.0 and faded[distance > 2.0].max() == 10.0
     rim = np.abs(distance) < 1.0
     assert 10.0 < faded[rim].mean() < 100.0

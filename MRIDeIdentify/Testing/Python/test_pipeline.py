@@ -142,6 +142,42 @@ def test_margin_dilation_is_in_millimetres_on_anisotropic_voxels():
     assert not grown[9, 8, 10]  # sqrt(3^2 + 2^2) > 3 mm
 
 
+def test_margin_dilation_equals_the_distance_transform(head_path):
+    """The row-by-row ball dilation is the Euclidean distance transform thresholded at the margin, ties included."""
+    from scipy import ndimage
+
+    from MRIDeIdentifyLib.brainmask import dilate_mm
+    image = read_volume(head_path).image
+    head = sitk.GetArrayViewFromImage(image) > np.percentile(sitk.GetArrayViewFromImage(image), 70)
+    for spacing in ((1.0, 1.0, 1.0), (2.0, 0.9, 0.9), (1.2, 1.0, 0.5)):
+        for margin in (0.5, 1.0, 2.0, 3.0, 4.5):
+            reference = ndimage.distance_transform_edt(~head, sampling=spacing) <= margin + 1e-6 * min(spacing)
+            np.testing.assert_array_equal(dilate_mm(head, spacing, margin), reference, err_msg=f"{spacing} {margin}")
+
+
+@pytest.mark.parametrize("name", ["S01_dcmqa_decubitus_HFS_T1fl2d_sag.nii.gz", "S01_chris_t1_mricron.nii.gz"])
+def test_brain_probability_is_resampled_to_native_as_on_the_whole_grid(shared_data, name):
+    """Resampling only the native voxels near deepbet's box gives what resampling the whole work grid gives, to
+    float rounding (the region's origin is another point, so interpolation weights differ in the last bits)."""
+    from MRIDeIdentifyLib.brainmask import _box_to_native, _from_ras_array, _ras_work_image
+    image = read_volume(shared_data / "heads" / name).image
+    work = _ras_work_image(image)
+    size = work.GetSize()
+    rng = np.random.default_rng(0)
+    # Boxes inside the work grid and touching its faces, as deepbet's may.
+    for box in ((slice(20, size[0] - 30), slice(15, size[1] // 2), slice(size[2] // 3, size[2] - 5)),
+                (slice(0, size[0]), slice(0, 40), slice(size[2] - 50, size[2]))):
+        inside = rng.random(tuple(s.stop - s.start for s in box)).astype(np.float32)
+        whole = np.zeros(size, np.float32)
+        whole[box] = inside
+        reference = sitk.GetImageFromArray(_from_ras_array(whole))
+        reference.CopyInformation(work)
+        expected = sitk.GetArrayFromImage(sitk.Resample(reference, image, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                                        sitk.sitkFloat32))
+        assert expected.any()
+        np.testing.assert_allclose(_box_to_native(inside, box, work, image), expected, rtol=0, atol=1e-6)
+
+
 def test_a_missing_optional_package_disables_only_its_method():
     import subprocess
     import sys
