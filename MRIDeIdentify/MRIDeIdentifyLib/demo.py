@@ -5,11 +5,12 @@ that identifies no one, so the repository may use it anywhere. It is read from t
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from .methods import default_method
+from .onescan import PROG, run_one
+from .settings import Settings
 
 
 def demo_scan() -> Path:
@@ -17,21 +18,16 @@ def demo_scan() -> Path:
     return template_dir() / HEAD_FILE
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from .cli import add_run_options, run_one
-
-    method = args.method or default_method()
+def run_demo(out: Path, settings: Settings) -> int:
+    """De-identify the demo scan into ``out`` (image, brain and face masks, QA renders) with ``settings``."""
+    method = settings.method or default_method()
     if method is None:
         method = "blur"
-        print("mri-deidentify: the learned 'remodel' is not installed; demonstrating the 'blur' control",
-              file=sys.stderr)
-    out: Path = args.output
-    parser = argparse.ArgumentParser()
-    add_run_options(parser)
-    run_args = parser.parse_args(["--method", method, "--device", args.device])
+        print(f"{PROG}: the learned 'remodel' is not installed; demonstrating the 'blur' control", file=sys.stderr)
     output = out / "demo_deidentified.nii.gz"
-    record = run_one(demo_scan(), output, run_args, save_brain_mask=out / "demo_brain_mask.nii.gz",
-                     save_face_mask=out / "demo_face_mask.nii.gz", qa_dir=out / "qa")
-    print(f"mri-deidentify: demo: {method} on the pydeface average head in {record['timings_s']['wall']:.1f} s; "
+    record = run_one(demo_scan(), output, settings.replace(method=method),
+                     save_brain_mask=out / "demo_brain_mask.nii.gz", save_face_mask=out / "demo_face_mask.nii.gz",
+                     qa_dir=out / "qa")
+    print(f"{PROG}: demo: {method} on the pydeface average head in {record['timings_s']['wall']:.1f} s; "
           f"wrote {output}, {out / 'qa'} (before/after renders)", file=sys.stderr)
     return 0

@@ -15,7 +15,8 @@ import SimpleITK as sitk
 import torch
 
 from .headmask import head_threshold
-from .privacy import DEFAULT_FACETS, DEFAULT_ROTATIONS, privacy_transform
+from .privacy import privacy_transform
+from .settings import DEFAULT_FACETS, DEFAULT_ROTATIONS
 from .skin import DEFAULT_CLIP_MM
 
 

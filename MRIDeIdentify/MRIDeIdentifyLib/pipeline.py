@@ -21,8 +21,7 @@ from .errors import InputError
 from .headmask import head_mask, head_threshold
 from .methods import MethodContext, ProgressCallback, get_method
 from .reader import check_volume
-
-DEFAULT_MARGIN_MM = 3.0
+from .settings import DEFAULT_DEVICE, DEFAULT_MARGIN_MM, DEFAULT_SEED
 
 
 @dataclass
@@ -38,7 +37,7 @@ class Result:
 
 
 def deidentify(image: sitk.Image, method: Optional[str] = None, *, brain_mask: Optional[sitk.Image] = None,
-               margin_mm: float = DEFAULT_MARGIN_MM, seed: int = 0, device: str = "auto",
+               margin_mm: float = DEFAULT_MARGIN_MM, seed: int = DEFAULT_SEED, device: str = DEFAULT_DEVICE,
                options: Optional[Dict[str, Any]] = None, progress: Optional[ProgressCallback] = None,
                cancel: Optional[Callable[[], bool]] = None) -> Result:
     """De-identify ``image`` (3-D scalar; not modified) with ``method`` (None = the default method).

@@ -20,15 +20,7 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial import ConvexHull, QhullError
 
-# Measured at 128^3 on four shared heads x 3 seeds (benchmarks/bench_privacy.py --rotations): the hull does not
-# depend on the rotation count (it holds >= 99.94 % of every head and ~1.3x its volume from K = 1 on: the
-# extreme points are first hits under any rotation), while Z's mean error against K = 64 falls as ~1/sqrt(K):
-# 0.69, 0.50, 0.34, 0.25, 0.19 for K = 1, 2, 4, 8, 16. A rotation costs ~0.04 s of one core at 128^3
-# (K = 8: 0.32 s for Z, 0.7 s for the whole transform), so K = 8 makes Z a usable probability map well
-# inside the stage's 2-3 s budget; 16 would double the cost for a quarter less error.
-DEFAULT_ROTATIONS = 8
-# Hull facets whose half-spaces carve c(x) (the paper's ~100).
-DEFAULT_FACETS = 100
+from .settings import DEFAULT_FACETS, DEFAULT_ROTATIONS
 
 # Voxel centres lying exactly on a hull plane belong to the hull; this absorbs float64 rounding only.
 _PLANE_TOLERANCE = 1e-6

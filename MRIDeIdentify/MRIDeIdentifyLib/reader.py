@@ -6,6 +6,7 @@ with one line saying why.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -153,8 +154,9 @@ def _check_nifti(path: Path) -> None:
     if fault:
         raise InputError(f"{path.name}: {fault}")
     try:
-        nifti: Any = nib.load(str(path))  # nibabel types load() as the base class, without dataobj
-        data = np.asanyarray(nifti.dataobj)
+        with _nibabel_quiet():
+            nifti: Any = nib.load(str(path))  # nibabel types load() as the base class, without dataobj
+            data = np.asanyarray(nifti.dataobj)
     except (OSError, EOFError) as error:
         what = "gzip stream" if path.name.lower().endswith(".gz") else "voxel data"
         raise InputError(f"{path.name}: damaged or truncated {what}, or a header promising more voxels than "
@@ -239,12 +241,26 @@ def _captured_stderr() -> Iterator[List[str]]:
             captured.append(sink.read())
 
 
+@contextmanager
+def _nibabel_quiet() -> Iterator[None]:
+    """nibabel logs the header faults it mends or refuses straight to stderr; the engine reports them itself, in
+    the one line of the error contract, so its log is held back while it reads."""
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _read_mgh(path: Path) -> sitk.Image:
     """FreeSurfer .mgz/.mgh via nibabel, converted to a SimpleITK image with the same RAS->LPS geometry."""
     import nibabel as nib
     try:
-        mgh: Any = nib.load(str(path))
-        data = np.asanyarray(mgh.dataobj)
+        with _nibabel_quiet():
+            mgh: Any = nib.load(str(path))
+            data = np.asanyarray(mgh.dataobj)
     except Exception as error:  # nibabel raises many types for damaged files
         raise InputError(f"{path.name}: cannot be read as an MGH/MGZ image ({error})") from None
     if data.ndim == 4 and data.shape[3] == 1:

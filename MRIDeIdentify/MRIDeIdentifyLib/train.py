@@ -104,7 +104,7 @@ def preprocess(path: Path, size: int, margin_mm: float, device: torch.device | s
     cache for another model size does not run the brain extractor again. ``series``: the DICOM series of a
     folder holding several.
     """
-    from .batch import Scan
+    from .scans import Scan
     from .brainmask import dilate_mm, extract_brain_mask
     from .headmask import head_mask, head_threshold
     from .modelgrid import ModelGrid
@@ -145,7 +145,7 @@ def fit_skin(image: sitk.Image, head: np.ndarray, grid, volume: np.ndarray,
 
 def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Head]:
     """The training heads, preprocessing any scan not yet in the cache (rank 0 builds it, the others wait)."""
-    from .batch import find_scans
+    from .scans import find_scans
 
     scans, _ = find_scans(Path(config.data))
     scans = [s for s in scans if not s.name.startswith(tuple(config.exclude))]

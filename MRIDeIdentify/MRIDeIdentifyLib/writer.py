@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Iterator, List
 
 import numpy as np
 import SimpleITK as sitk
@@ -23,36 +26,74 @@ from .reader import format_of, ras_affine
 class OutputSet:
     """Files bound for one or more folders, staged in hidden temporary folders beside their destinations.
 
-    Use as a context manager: on success every staged entry replaces its namesake in its destination folder;
-    on an exception every staging folder is removed and no destination is touched.
+    Use as a context manager: on success every staged entry replaces its namesake in its destination folder,
+    each by one atomic rename, in the reverse order of the :meth:`path` calls: the first path asked for (the
+    main output) appears last, so whoever sees it (a resumed batch, another shard) sees the whole set. On an
+    exception every staging folder is removed and no destination is touched.
     """
 
     def __init__(self) -> None:
         self._staging: Dict[Path, Path] = {}
+        self._entries: List[Path] = []
 
     def path(self, destination: Path) -> Path:
         """Where to write the file (or folder) that must end up at ``destination``."""
         folder = destination.parent.resolve()
         if folder not in self._staging:
             folder.mkdir(parents=True, exist_ok=True)
-            self._staging[folder] = Path(tempfile.mkdtemp(prefix=".mrideidentify-", dir=folder))
+            with _signals_deferred():   # a staging folder made is a staging folder recorded, so it is removed
+                self._staging[folder] = Path(tempfile.mkdtemp(prefix=".mrideidentify-", dir=folder))
+        self._entries.append(folder / destination.name)
         return self._staging[folder] / destination.name
 
     def __enter__(self) -> "OutputSet":
         return self
 
     def __exit__(self, kind, error, trace) -> None:
+        with _signals_deferred():
+            self._finish(kind is None)
+
+    def _finish(self, commit: bool) -> None:
         try:
-            if kind is None:
-                for folder, staging in self._staging.items():
-                    for entry in sorted(staging.iterdir()):
-                        target = folder / entry.name
-                        if target.is_dir() and not target.is_symlink():
-                            shutil.rmtree(target)
-                        os.replace(entry, target)
+            if commit:
+                # Files a writer adds beside the one asked for (the .raw of an .mhd) go before it.
+                extra = [folder / entry.name for folder, staging in self._staging.items()
+                         for entry in sorted(staging.iterdir()) if folder / entry.name not in self._entries]
+                for target in extra + self._entries[::-1]:
+                    entry = self._staging[target.parent] / target.name
+                    if not os.path.lexists(entry):
+                        continue   # asked for twice, or not written after all
+                    if target.is_dir() and not target.is_symlink():
+                        shutil.rmtree(target)
+                    os.replace(entry, target)
         finally:
             for staging in self._staging.values():
                 shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done, then let them act as usual, so that committing or
+    removing the staged files is never cut short: the outputs appear whole or not at all. Python runs signal
+    handlers in the main thread only, so elsewhere (Slicer's worker thread) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: List[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = [signal.getsignal(number) for number in held]
+    if None in previous:   # a handler installed outside Python: leave it alone
+        yield
+        return
+    for number in held:
+        signal.signal(number, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        for number, handler in zip(held, previous):
+            signal.signal(number, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def check_output_path(output: Path, input_path: Path) -> None:

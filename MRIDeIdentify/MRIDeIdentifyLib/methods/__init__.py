@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import Cancelled, InputError
+from ..settings import DEFAULT_METHOD
 
 ProgressCallback = Callable[[str, float], None]
 
@@ -99,8 +100,6 @@ class Method:
 METHODS: Dict[str, Method] = {}
 # Methods whose optional package is missing: name -> why (so `--method name` can say what to install).
 UNAVAILABLE: Dict[str, str] = {}
-# Preferred default, in order: the first one registered becomes what `run` uses without --method.
-_DEFAULT_ORDER = ("remodel",)
 # Every method module; a module whose optional dependency is missing is simply not registered.
 _MODULES = ("remodel", "reface", "deface", "quickshear", "blur", "skullstrip")
 
@@ -134,10 +133,7 @@ def method_names() -> List[str]:
 
 def default_method() -> Optional[str]:
     """The method ``run`` uses without ``--method``: the learned remodeling, or None while it is unavailable."""
-    for name in _DEFAULT_ORDER:
-        if name in METHODS:
-            return name
-    return None
+    return DEFAULT_METHOD if DEFAULT_METHOD in METHODS else None
 
 
 def get_method(name: Optional[str]) -> Method:

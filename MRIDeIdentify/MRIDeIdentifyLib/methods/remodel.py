@@ -24,7 +24,7 @@ from ..headmask import head_threshold
 from ..model import Generator, ModelConfig, gamma_pyramid, load_generator, noise
 from ..modelinputs import ModelInputs, condition, model_inputs
 from ..placement import brain_distance, cube_skin, draw_face, face_prior_record, native_skin
-from ..privacy import DEFAULT_FACETS, DEFAULT_ROTATIONS
+from ..settings import DEFAULT_FACETS, DEFAULT_ROTATIONS
 from ..skin import RIM_VOXELS, draw_skin
 from . import MethodContext, MethodOutput, register
 

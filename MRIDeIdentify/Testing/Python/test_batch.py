@@ -20,7 +20,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import DICOM_DIR, SKIP_REASON
-from MRIDeIdentifyLib import cli
+from MRIDeIdentifyLib import __version__, cli
 from MRIDeIdentifyLib.reader import read_volume
 
 # Relative path in the BIDS dataset -> the shared head it links to (None: the broken scan).
@@ -120,7 +120,9 @@ def test_bids_batch_writes_a_derivatives_dataset(first_run):
     bids, out, _, _ = first_run
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
-    assert description["GeneratedBy"][0]["Name"] == "MRIDeIdentify"
+    generated = description["GeneratedBy"][0]
+    assert generated["Name"] == "MRIDeIdentify" and generated["Version"] == __version__
+    assert "method blur" in generated["Description"] and "3 mm" in generated["Description"]
     assert "BIDSVersion" in description
     for relative in BIDS_SCANS:
         assert_deidentified_copy(bids / relative, out / relative)
@@ -137,6 +139,7 @@ def test_bids_batch_reports_the_broken_scan_and_goes_on(first_run):
     _, out, code, lines = first_run
     assert code == 1
     assert summary(lines) == (3, 0, 1, 4)
+    assert "not T1-weighted, skipped: 1 T2w" in next(line for line in lines if SUMMARY.search(line))
     reports = [line for line in lines if BROKEN in line]
     assert reports and all("gzip" in line for line in reports), lines
     assert not (out / BROKEN).exists() and not (out / "sub-04").exists()
@@ -259,4 +262,52 @@ def test_plain_folder_with_a_dicom_series(tmp_path, heads, mask, capfd):
     before = files_under(out)
     code, lines = batch(capfd, str(source), str(out), "--method", "blur", "--brain-mask", str(mask))
     assert (code, summary(lines)) == (0, (0, 2, 0, 2))
+    assert files_under(out) == before
+
+
+def test_participant_labels_select_subjects(tmp_path, heads, mask, capfd):
+    """The BIDS-app convention: labels with or without their sub- prefix; the others are not touched."""
+    bids = make_bids(tmp_path / "bids", heads)
+    out = tmp_path / "out"
+    code, lines = batch(capfd, str(bids), str(out), "--method", "blur", "--brain-mask", str(mask),
+                        "--participant-label", "01", "sub-03")
+    assert code == 0 and summary(lines) == (2, 0, 0, 2), lines
+    written = {p for p in files_under(out) if p.endswith((".nii.gz", ".mgz"))}
+    assert written == {"sub-01/anat/sub-01_T1w.nii.gz", "sub-03/ses-1/anat/sub-03_ses-1_T1w.mgz"}
+
+
+def test_session_labels_select_sessions(tmp_path, heads):
+    from MRIDeIdentifyLib.batch import plan
+    bids = make_bids(tmp_path / "bids", heads)
+    tasks, is_bids, skipped = plan(bids, tmp_path / "out", sessions=["1"])
+    assert is_bids and skipped == {}
+    assert [str(t.target.relative_to(tmp_path / "out")) for t in tasks] == \
+        ["sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz", "sub-03/ses-1/anat/sub-03_ses-1_T1w.mgz"]
+
+
+@pytest.mark.parametrize("option, label", [("--participant-label", "07"), ("--session-label", "ses-2")])
+def test_a_label_that_selects_nothing_is_refused(tmp_path, heads, option, label, capfd):
+    bids = make_bids(tmp_path / "bids", heads)
+    code, lines = batch(capfd, str(bids), str(tmp_path / "out"), "--method", "blur", option, label)
+    assert code == 2 and len(lines) == 1 and option in lines[0] and "not in this dataset" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_on_a_plain_folder_are_refused(tmp_path, heads, capfd):
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "head.nii.gz").symlink_to(heads / BIDS_SCANS["sub-01/anat/sub-01_T1w.nii.gz"])
+    code, lines = batch(capfd, str(tmp_path / "scans"), str(tmp_path / "out"), "--participant-label", "01")
+    assert code == 2 and len(lines) == 1 and "not one" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_derivatives_made_another_way_are_refused(tmp_path, first_run, heads, mask, capfd):
+    """One derivatives folder, one method: resuming with other settings would mix two kinds of output."""
+    _, done_out, _, _ = first_run
+    out = tmp_path / "out"
+    shutil.copytree(done_out, out)
+    before = files_under(out)
+    bids = make_bids(tmp_path / "bids", heads)
+    code, lines = batch(capfd, str(bids), str(out), "--method", "blur", "--brain-mask", str(mask), "--seed", "7")
+    assert code == 2 and len(lines) == 1 and "another folder" in lines[0] and "seed 0" in lines[0], lines
     assert files_under(out) == before
