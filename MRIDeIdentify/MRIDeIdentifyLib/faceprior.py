@@ -140,5 +140,6 @@ def _load(path: str, stamp: Optional[Tuple[int, int]]) -> FacePrior:
         triangles=arrays["triangles"].astype(np.int64), eyes=arrays["eyes"].astype(np.int64),
         eye_radius_mm=float(card["eye_radius_mm"]), face_weight=arrays["face_weight"].astype(np.float64),
         landmarks=arrays["landmarks"].astype(np.int64), reference=arrays["reference"],
-        reference_origin=tuple(float(v) for v in card["reference_origin"]),
+        reference_origin=(float(card["reference_origin"][0]), float(card["reference_origin"][1]),
+                          float(card["reference_origin"][2])),
         reference_spacing=float(card["reference_spacing"]), sha256=sha256, card=card)

@@ -91,6 +91,7 @@ def register_pose(gamma: np.ndarray, grid: ModelGrid, prior: FacePrior) -> Pose:
                 best, best_value = fit, value
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
+    assert best is not None       # at least one start ran; a failed fit raises inside SimpleITK
     if isinstance(best, sitk.CompositeTransform):
         best = best.GetNthTransform(0)
     similarity = sitk.Similarity3DTransform(best.Downcast())

@@ -79,3 +79,29 @@ def _smooth(array: np.ndarray, spacing_kji: np.ndarray, sigma_mm: float) -> np.n
     image = sitk.GetImageFromArray(array.astype(np.float32, copy=False))
     image.SetSpacing([float(v) for v in np.asarray(spacing_kji, float)[::-1]])
     return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(image, sigma_mm))
+
+
+@register("reface-prior", summary="reface with a new face: the average head's tissue inside a face-prior identity "
+          "placed from gamma (remodel's geometry without the generator)",
+          role="baseline: what the face prior alone gives, to show what the generator adds")
+def run_prior(ctx: MethodContext) -> MethodOutput:
+    from ..faceprior import load_face_prior
+    from ..placement import brain_distance, native_skin
+    from ..skin import RIM_VOXELS, draw_skin
+    from .remodel import draw_new_face, tissue_level
+
+    output = run(ctx)
+    # remodel's 4 mm grid: gamma there is what placement was built on.
+    ctx.options.setdefault("grid_size", 64)
+    grid = ctx.grid()
+    prior = load_face_prior(ctx.options.get("face_prior"))
+    inputs, vertices = draw_new_face(ctx, grid, prior)
+    with ctx.stage("skin"):
+        skin = native_skin(prior, vertices, ctx.image, brain_distance(inputs.gamma.cpu().numpy(), grid))
+        head = skin < 0.5 * RIM_VOXELS * float(max(ctx.image.GetSpacing()))
+        tissue = tissue_level(ctx)
+        # Where the new face reaches beyond the average head, the template has only air: tissue level there.
+        values = np.where(head & ~output.head, np.float32(tissue), output.values)
+        values = draw_skin(values, skin, ctx.image.GetSpacing(), float(grid.intensity.denormalise(0.0)), tissue)
+    head |= ctx.brain
+    return MethodOutput(values=values, head=head, changed=(head | ctx.head) & ~ctx.brain)

@@ -1,4 +1,4 @@
-"""The ``remodel`` method (C-DeID-GAN) through the engine's pipeline on a real head."""
+"""The ``remodel`` method (C-DeID-GAN with the face prior) through the engine's pipeline on a real head."""
 from __future__ import annotations
 
 import numpy as np
@@ -95,3 +95,31 @@ def test_the_remodelled_head_covers_the_brain(image, first):
     distance = ndimage.distance_transform_edt(~outside, sampling=image.GetSpacing()[::-1])
     assert (distance[surface] <= 3.0).mean() < 0.01
     assert 0.5 <= first.provenance["tissue_gain"] <= 2.0
+
+
+def test_the_sidecar_says_an_identity_was_drawn_and_nothing_more(first):
+    from MRIDeIdentifyLib.faceprior import load_face_prior
+
+    record = first.provenance["face_prior"]
+    assert set(record) == {"sha256", "modes", "sigma", "identity"}
+    assert record["sha256"] == load_face_prior().sha256 and record["modes"] == 60 and record["sigma"] == 1.0
+    for stage in ("privacy transform", "face prior", "skin", "generator", "to native"):
+        assert stage in first.provenance["timings_s"]
+
+
+def test_the_skin_is_the_sampled_surface_at_native_resolution(image, first):
+    """The output's air/skin boundary is the drawn face's own surface: a new outline (not the input's) that is
+    sharp on the input grid, tissue on one side and air on the other within the rim, not a 4 mm ramp."""
+    from scipy import ndimage
+
+    from MRIDeIdentifyLib.headmask import head_mask, head_threshold
+
+    threshold = head_threshold(image)
+    before, after = head_mask(image, threshold), head_mask(first.image, threshold)
+    face = sitk.GetArrayFromImage(first.face_mask).astype(bool) & (before | after)
+    changed = (before ^ after) & face
+    assert changed.sum() > 0.05 * face.sum()                    # a new outline, not the old one
+    values = sitk.GetArrayFromImage(first.image).astype(np.float32)
+    inner = after & ~ndimage.binary_erosion(after)              # the skin's voxels
+    outer = ndimage.binary_dilation(after) & ~after             # the air touching them
+    assert np.median(values[inner]) > 1.5 * threshold and np.median(values[outer]) < threshold
