@@ -41,13 +41,14 @@ def signed_distance(vertices: np.ndarray, triangles: np.ndarray, reference: sitk
             d2 = ((axes[0] - centre[0])[None, None, :] ** 2 + (axes[1] - centre[1])[None, :, None] ** 2
                   + (axes[2] - centre[2])[:, None, None] ** 2)
             inside |= d2 <= radius ** 2
-    if clip_mm > 2.0 * spacing_mm:
+    if clip_mm > 4.0 * spacing_mm:
         distance = _distance(inside, spacing_mm, clip_mm)
         band = np.abs(distance) < 2.0 * spacing_mm
     else:
-        # Only the rim is wanted (the native skin): the sign everywhere, exact distances next to the surface.
+        # Only a shell is wanted (the native skin): the sign everywhere, exact distances within the clip.
         distance = np.where(inside, -clip_mm, clip_mm).astype(np.float32)
-        band = ndimage.binary_dilation(inside ^ ndimage.binary_erosion(inside))
+        band = ndimage.binary_dilation(inside ^ ndimage.binary_erosion(inside),
+                                       iterations=int(np.ceil(clip_mm / spacing_mm)))
     # Exact distances near the surface, where the skin is drawn: nearest point of a dense sampling of the
     # triangles (and the spheres' analytic distance).
     k, j, i = np.nonzero(band)
