@@ -129,10 +129,13 @@ def test_spheres_unite_with_the_mesh_and_the_rim_fades_into_air():
     # A voxel 3 mm inside the sphere standing off the mesh is inside the united surface.
     assert distance[29, 9, 29] < 0 and distance[29, 3, 29] > 0
     values = np.full(distance.shape, 100.0, np.float32)
-    faded = draw_skin(values, distance, (2.0, 2.0, 2.0), 10.0)
-    assert faded[distance < -2.0].min() == 100.0 and faded[distance > 2.0].max() == 10.0
+    values[distance < -8.0] = 40.0          # darker tissue deeper in: the skin layer must rise above it
+    drawn = draw_skin(values, distance, (2.0, 2.0, 2.0), 10.0, 100.0)
+    assert drawn[(distance < -1.6) & (distance > -2.9)].min() == 100.0     # the layer, full to the rim's edge
+    assert drawn[distance < -9.0].max() == 40.0                              # the generator's values below it
+    assert drawn[distance > 2.0].max() == 10.0                               # air
     rim = np.abs(distance) < 1.0
-    assert 10.0 < faded[rim].mean() < 100.0
+    assert 10.0 < drawn[rim].mean() < 100.0
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "ict-facekit" / "ict_face_model_light.npz").is_file(),

@@ -19,10 +19,14 @@ def _ball(size: int, radius: float) -> torch.Tensor:
 
 
 def _gamma(batch: int, size: int) -> torch.Tensor:
-    """A synthetic gamma: hull = big ball, brain = small ball, brain values in (0.5, 1)."""
+    """A synthetic conditioning: hull = big ball, brain = small ball, brain values in (0.5, 1), and the skin as
+    the scaled signed distance to a ball a little inside the hull."""
     hull, brain = _ball(size, 0.45).float(), _ball(size, 0.25).float()
     values = brain * (0.5 + 0.5 * torch.rand(size, size, size, generator=torch.Generator().manual_seed(1)))
-    return torch.stack([hull, brain, values])[None].repeat(batch, 1, 1, 1, 1)
+    axis = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    k, j, i = torch.meshgrid(axis, axis, axis, indexing="ij")
+    skin = ((k ** 2 + j ** 2 + i ** 2).sqrt() / size - 0.42).mul(4.0).clamp(-1.0, 1.0)
+    return torch.stack([hull, brain, values, skin])[None].repeat(batch, 1, 1, 1, 1)
 
 
 def test_blocks_follow_the_size():
@@ -44,7 +48,7 @@ def test_output_shapes_at_every_scale(size, block):
     gammas = gamma_pyramid(_gamma(2, size), config.n_blocks, torch.Generator().manual_seed(0))
     images = Generator(config)(gammas, noise(2, torch.Generator().manual_seed(0)))
     assert [tuple(g.shape) for g in images] == [(2, 1, s, s, s) for s in config.scales()]
-    assert [tuple(g.shape) for g in gammas] == [(2, 3, s, s, s) for s in config.scales()]
+    assert [tuple(g.shape) for g in gammas] == [(2, 4, s, s, s) for s in config.scales()]
     scores = Discriminator(config)(images, gammas)
     assert scores.shape == (2,)
     assert torch.isfinite(scores).all()

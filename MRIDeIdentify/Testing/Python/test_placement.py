@@ -60,6 +60,22 @@ def _oblique(image: sitk.Image, degrees: float) -> tuple[sitk.Image, np.ndarray]
     return copy, transform
 
 
+def _assert_on_the_head(scan: Scan, vertices: np.ndarray, tolerance_mm: float = 6.0) -> None:
+    """The placed skin above the nose, where it lies in the field of view, follows the real head's outline
+    (median < ``tolerance_mm``), and the eyes sit inside the head just behind its front."""
+    prior = load_face_prior()
+    surface = scan.surface()
+    fov = field_of_view(scan.image, scan.grid)
+    index = (vertices - np.asarray(scan.grid.origin)) / scan.grid.spacing
+    in_view = ndimage.map_coordinates(ndimage.binary_erosion(fov, iterations=2).astype(float), index[:, ::-1].T,
+                                      order=0) > 0.5
+    upper = prior.mean[:, 2] > prior.mean[prior.landmarks[30], 2]
+    distance = surface.query(vertices[upper & in_view])[0]
+    assert np.median(distance) < tolerance_mm, np.median(distance)
+    eye_depth = surface.query(vertices[prior.eyes])[0]
+    assert np.all((eye_depth > 3.0) & (eye_depth < 30.0)), eye_depth
+
+
 @pytest.fixture(scope="module")
 def s06() -> Scan:
     return Scan(read_volume(HEADS_DIR / "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz").image)
@@ -74,38 +90,26 @@ def test_the_face_sits_where_the_head_is(name, s06):
     scan = s06 if name.startswith("S06") else Scan(read_volume(HEADS_DIR / name).image)
     prior = load_face_prior()
     vertices = scan.face()
-    surface = scan.surface()
-    fov = field_of_view(scan.image, scan.grid)
-    index = (vertices - np.asarray(scan.grid.origin)) / scan.grid.spacing
-    in_view = ndimage.map_coordinates(ndimage.binary_erosion(fov, iterations=2).astype(float), index[:, ::-1].T,
-                                      order=0) > 0.5
-    upper = prior.mean[:, 2] > prior.mean[prior.landmarks[30], 2]
-    distance = surface.query(vertices[upper & in_view])[0]
-    assert np.median(distance) < 6.0, np.median(distance)
-    eyes = vertices[prior.eyes]
-    eye_depth = surface.query(eyes)[0]
-    assert np.all((eye_depth > 3.0) & (eye_depth < 30.0)), eye_depth
+    _assert_on_the_head(scan, vertices)
     skin = native_skin(prior, vertices, scan.image, brain_distance(scan.gamma, scan.grid))
     assert skin[scan.brain].max() < 0.0
 
 
-def test_an_oblique_scan_gets_the_same_face_turned_with_it(s06):
-    """Direction cosines turned by 25° pitch and 12.5° roll: the same identity lands on the same anatomy, turned
-    with the head. The pose comes from a 4 mm hull and brain (each extracted again from the turned scan), so it
-    is good to about 10° (measured: 4.4° with the same brain mask, 9.5° with deepbet run on the turned copy)."""
+def test_an_oblique_scan_gets_its_face_on_its_face(s06):
+    """Direction cosines turned by 25° pitch and 12.5° roll: the pose turns with the head to within 12° (the
+    pose comes from a 4 mm hull and brain, each extracted again from the turned scan: measured 4.4° with the same
+    brain mask, 9.5° with deepbet run on the turned copy), and the placed face follows the turned head's outline
+    to about a centimetre (measured 9.5 mm median, against 2-5 mm on upright scans: the pose error shows)."""
     prior = load_face_prior()
     turned, transform = _oblique(s06.image, 25.0)
     other = Scan(turned)
-    shape = prior.shape(prior.sample(np.random.default_rng(5)))
     poses = [register_pose(scan.gamma, scan.grid, prior) for scan in (s06, other)]
     relative = poses[1].rotation @ poses[0].rotation.T
     angle = np.degrees(np.arccos(np.clip((np.trace(relative.T @ transform[:3, :3]) - 1) / 2, -1, 1)))
     assert angle < 12.0, angle
-    upright, oblique = (place(prior, shape, scan.gamma, scan.grid, field_of_view(scan.image, scan.grid), pose)
-                        for scan, pose in zip((s06, other), poses))
-    moved = upright @ transform[:3, :3].T + transform[:3, 3]
-    error = np.linalg.norm(oblique - moved, axis=1)
-    assert np.median(error) < 12.0, np.median(error)
+    vertices = place(prior, prior.shape(prior.sample(np.random.default_rng(5))), other.gamma, other.grid,
+                     field_of_view(other.image, other.grid), poses[1])
+    _assert_on_the_head(other, vertices, tolerance_mm=12.0)
 
 
 def test_placement_reads_no_voxel_of_the_face(s06):

@@ -219,6 +219,9 @@ def test_the_first_log_after_a_resume_averages_only_the_steps_it_saw(tmp_path):
     data = _dataset(tmp_path, 16)
     common = ["--data", str(data), "--size", "16", "--threads", "1", "--rotations", "4", "--image-every", "100"]
     every_step = tmp_path / "every"
+    (every_step / "cache").mkdir(parents=True)
+    for file in (tmp_path / "run" / "cache").iterdir():     # the phantoms' cache (no brain extractor, no fit)
+        (every_step / "cache" / file.name).write_bytes(file.read_bytes())
     assert train.main(common + ["--out", str(every_step), "--steps", "2", "--log-every", "1"]) == 0
     paired = tmp_path / "paired"
     (paired / "cache").mkdir(parents=True)
@@ -239,8 +242,8 @@ def test_grow_starts_from_the_smaller_generator_upsampled():
     big = Generator(ModelConfig(size=32))
     big_ema = Generator(ModelConfig(size=32))
     train.grow(big, big_ema, state)
-    gammas16 = [torch.rand(1, 3, s, s, s).round() for s in small_config.scales()]
-    gammas32 = gammas16 + [torch.rand(1, 3, 32, 32, 32).round()]
+    gammas16 = [torch.rand(1, 4, s, s, s).round() for s in small_config.scales()]
+    gammas32 = gammas16 + [torch.rand(1, 4, 32, 32, 32).round()]
     z = noise(1, torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = F.interpolate(small(gammas16, z)[-1], scale_factor=2.0, mode="nearest")
