@@ -62,7 +62,7 @@ def _oblique(image: sitk.Image, degrees: float) -> tuple[sitk.Image, np.ndarray]
 
 def _assert_on_the_head(scan: Scan, vertices: np.ndarray, tolerance_mm: float = 6.0) -> None:
     """The placed skin above the nose, where it lies in the field of view, follows the real head's outline
-    (median < ``tolerance_mm``), and the eyes sit inside the head just behind its front."""
+    (median < ``tolerance_mm``), and the eyes sit inside the head behind its front."""
     prior = load_face_prior()
     surface = scan.surface()
     fov = field_of_view(scan.image, scan.grid)
@@ -73,7 +73,8 @@ def _assert_on_the_head(scan: Scan, vertices: np.ndarray, tolerance_mm: float = 
     distance = surface.query(vertices[upper & in_view])[0]
     assert np.median(distance) < tolerance_mm, np.median(distance)
     eye_depth = surface.query(vertices[prior.eyes])[0]
-    assert np.all((eye_depth > 3.0) & (eye_depth < 30.0)), eye_depth
+    # An eyeball's centre lies about 15-25 mm behind the real skin where the face is; a posing error adds to it.
+    assert np.all((eye_depth > 3.0) & (eye_depth < 24.0 + tolerance_mm)), eye_depth
 
 
 @pytest.fixture(scope="module")
