@@ -246,18 +246,13 @@ def skin_distance(prior: FacePrior, vertices: np.ndarray, reference: sitk.Image,
     """Signed distance (mm, float32 KJI on ``reference``'s grid, clipped to +-``clip_mm``) to the placed skin
     united with a minimal scalp around the brain: ``brain_distance`` is the dilated brain's signed distance (mm,
     any grid, e.g. the cube's). ``spacing_mm``: the working grid (see skin.signed_distance)."""
-    from .skin import DEFAULT_CLIP_MM, signed_distance
+    from .skin import signed_distance
 
-    surface = signed_distance(vertices, prior.triangles, reference, spheres=(vertices[prior.eyes],
-                              prior.eye_radius_mm), spacing_mm=spacing_mm, clip_mm=clip_mm)
-    grid = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
-    grid.CopyInformation(reference)
-    scalp = sitk.GetArrayFromImage(sitk.Resample(brain_distance, grid, sitk.Transform(), sitk.sitkLinear,
-                                                 DEFAULT_CLIP_MM, sitk.sitkFloat32)) - _MIN_SCALP_MM
     # A smooth union: where the prior's skin comes closer to the brain than a minimal scalp, the head swells
     # into a rounded bulge instead of a plateau with the brain mask's outline.
-    blend = np.clip(_UNION_MM - np.abs(surface - scalp), 0.0, None) / _UNION_MM
-    return (np.minimum(surface, scalp) - blend * blend * _UNION_MM / 4.0).astype(np.float32)
+    return signed_distance(vertices, prior.triangles, reference, spheres=(vertices[prior.eyes], prior.eye_radius_mm),
+                           spacing_mm=spacing_mm, clip_mm=clip_mm, union=brain_distance - _MIN_SCALP_MM,
+                           union_mm=_UNION_MM)
 
 
 def brain_distance(gamma: np.ndarray, grid: ModelGrid) -> sitk.Image:

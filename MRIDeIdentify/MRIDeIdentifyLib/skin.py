@@ -23,11 +23,14 @@ DEFAULT_CLIP_MM = 20.0
 
 def signed_distance(vertices: np.ndarray, triangles: np.ndarray, reference: sitk.Image, *,
                     spheres: Optional[Tuple[np.ndarray, float]] = None, spacing_mm: float = 2.0,
-                    clip_mm: float = DEFAULT_CLIP_MM) -> np.ndarray:
+                    clip_mm: float = DEFAULT_CLIP_MM, union: Optional[sitk.Image] = None,
+                    union_mm: float = 8.0) -> np.ndarray:
     """Signed distance (mm, negative inside, clipped to +-``clip_mm``) to the closed surface, on ``reference``'s
     grid: float32 KJI array of ``reference``'s size. ``vertices`` (V, 3) LPS mm; ``triangles`` (T, 3) indices of
     a closed, consistently oriented mesh; ``spheres`` = (centres (N, 3) mm, radius mm) united with the mesh.
-    Voxels of ``reference`` away from the surface get +-``clip_mm``; nothing is modified.
+    Voxels of ``reference`` away from the surface get +-``clip_mm``; nothing is modified. ``union``: another
+    signed distance (mm, any grid) united with the surface smoothly over ``union_mm`` (on the working grid, which
+    is cheaper than on a fine input grid).
     """
     vertices = np.asarray(vertices, np.float64)
     origin, shape = _working_box(vertices, reference, spacing_mm, clip_mm)
@@ -66,6 +69,15 @@ def signed_distance(vertices: np.ndarray, triangles: np.ndarray, reference: sitk
     image = sitk.GetImageFromArray(distance.astype(np.float32))
     image.SetOrigin(tuple(float(v) for v in origin))
     image.SetSpacing((spacing_mm,) * 3)
+    if union is not None:
+        other = sitk.GetArrayFromImage(sitk.Resample(union, image, sitk.Transform(), sitk.sitkLinear, clip_mm,
+                                                     sitk.sitkFloat32))
+        # A polynomial smooth minimum: where the two surfaces come within union_mm, a rounded fillet joins them.
+        blend = np.clip(union_mm - np.abs(distance - other), 0.0, None) / union_mm
+        united = np.minimum(distance, other) - blend * blend * (union_mm / 4.0)
+        image = sitk.GetImageFromArray(np.clip(united, -clip_mm, clip_mm).astype(np.float32))
+        image.SetOrigin(tuple(float(v) for v in origin))
+        image.SetSpacing((spacing_mm,) * 3)
     grid = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
     grid.CopyInformation(reference)
     resampled = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, clip_mm, sitk.sitkFloat32)
