@@ -25,16 +25,13 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+# The engine's defaults come from their one owner, which imports nothing heavy (no torch, no SimpleITK).
+from MRIDeIdentifyLib.settings import DEFAULT_FACETS, DEFAULT_MARGIN_MM, DEFAULT_METHOD, DEFAULT_ROTATIONS
 from MRIDeIdentifySlicer import dependencies, nodes
 from MRIDeIdentifySlicer.childprocess import ChildRun
 from MRIDeIdentifySlicer.messages import inPanelTerms
 from MRIDeIdentifySlicer.views import BeforeAfterViews
 
-DEFAULT_METHOD = "remodel"
-DEFAULT_MARGIN_MM = 3.0
-# The privacy transform's defaults (MRIDeIdentifyLib/privacy.py); a test keeps them equal.
-DEFAULT_ROTATIONS = 8
-DEFAULT_FACETS = 100
 # How often the panel reads the child's progress (ms).
 POLL_INTERVAL_MS = 100
 

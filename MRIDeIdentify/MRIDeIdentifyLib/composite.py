@@ -12,6 +12,7 @@ import SimpleITK as sitk
 
 from .headmask import dilate
 from .methods import MethodOutput
+from .reader import image_like
 
 # Background is sampled this far (voxels) from the head, beyond the skin's partial-volume rim.
 _BACKGROUND_GAP_VOXELS = 3
@@ -32,9 +33,7 @@ def composite(image: sitk.Image, brain: np.ndarray, head: np.ndarray, output: Me
         values[air] = _background_sample(original, head, threshold, int(air.sum()), seed)
     result = _to_dtype(values, original)
     result[brain] = original[brain]
-    out = sitk.GetImageFromArray(result)
-    out.CopyInformation(image)
-    return out
+    return image_like(result, image)
 
 
 def _background_sample(original: np.ndarray, head: np.ndarray, threshold: float, count: int,

@@ -14,6 +14,8 @@ from typing import Tuple
 import numpy as np
 import SimpleITK as sitk
 
+from .reader import image_like
+
 DEFAULT_SIZE = 128
 # 256 mm holds an adult head from crown to chin; a larger head widens the field instead of being cropped.
 DEFAULT_FOV_MM = 256.0
@@ -103,7 +105,7 @@ class ModelGrid:
         The mask is averaged, not picked by nearest neighbour, so thin structures survive a coarser cube; a cube
         voxel is inside when at least half of it is.
         """
-        fraction = self.to_model_raw(_mask_image(mask, reference))
+        fraction = self.to_model_raw(image_like(mask.astype(np.float32), reference))
         return fraction >= 0.5
 
     def to_model_raw(self, image: sitk.Image, default: float = 0.0) -> np.ndarray:
@@ -142,12 +144,6 @@ class ModelGrid:
         full = np.full(reference.GetSize()[::-1], default, np.float32)
         full[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]] = back
         return full
-
-
-def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(mask.astype(np.float32))
-    image.CopyInformation(reference)
-    return image
 
 
 def _antialias_sigma(input_spacing, cube_spacing: float):

@@ -20,7 +20,7 @@ from .devices import resolve_device
 from .errors import InputError
 from .headmask import head_mask, head_threshold
 from .methods import MethodContext, ProgressCallback, get_method
-from .reader import check_volume
+from .reader import check_volume, image_like
 from .settings import DEFAULT_DEVICE, DEFAULT_MARGIN_MM, DEFAULT_SEED
 
 
@@ -78,11 +78,5 @@ def deidentify(image: sitk.Image, method: Optional[str] = None, *, brain_mask: O
     record = provenance.record(method=chosen.name, seed=ctx.seed, margin_mm=float(margin_mm),
                                device=str(torch_device), brain_mask_source=source, timings=ctx.timings,
                                image=image, extra=ctx.provenance)
-    return Result(result, _mask_image(ctx.brain, image), _mask_image(changed & ~ctx.brain, image), record,
-                  str(torch_device))
-
-
-def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    out = sitk.GetImageFromArray(mask.view(np.uint8))  # GetImageFromArray copies
-    out.CopyInformation(reference)
-    return out
+    return Result(result, image_like(ctx.brain.view(np.uint8), image),
+                  image_like((changed & ~ctx.brain).view(np.uint8), image), record, str(torch_device))

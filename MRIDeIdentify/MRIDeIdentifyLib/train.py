@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .augment import augment
+from .settings import DEFAULT_FACETS, DEFAULT_MARGIN_MM, DEFAULT_ROTATIONS
 from .devices import DEVICE_CHOICES, resolve_device
 from .errors import PROG, OneLineParser
 from .model import (Discriminator, Generator, ModelConfig, blend, discriminator_loss, gamma_pyramid,
@@ -69,9 +70,9 @@ class TrainConfig:
     recon_weight: float = 10.0
     adversarial: bool = True
     augment: bool = True
-    rotations: int = 8
-    facets: int = 100
-    margin_mm: float = 3.0
+    rotations: int = DEFAULT_ROTATIONS
+    facets: int = DEFAULT_FACETS
+    margin_mm: float = DEFAULT_MARGIN_MM
     exclude: Tuple[str, ...] = ()
     seed: int = 0
     log_every: int = 10

@@ -8,7 +8,6 @@ are real: this Python runs ``MRIDeIdentifySlicer.worker`` as the application's P
 """
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import subprocess
@@ -866,13 +865,13 @@ print("SELF-TEST OK")
 # --- parameters and defaults ---------------------------------------------------------------------------------------
 
 def test_panel_defaults_equal_the_engine_defaults(module):
-    from MRIDeIdentifyLib import pipeline, privacy
+    from MRIDeIdentifyLib import settings
     from MRIDeIdentifyLib.devices import DEVICE_CHOICES
     from MRIDeIdentifyLib.methods import METHODS, default_method
 
-    assert module.DEFAULT_ROTATIONS == privacy.DEFAULT_ROTATIONS
-    assert module.DEFAULT_FACETS == inspect.signature(privacy.privacy_transform).parameters["facets"].default
-    assert module.DEFAULT_MARGIN_MM == pipeline.DEFAULT_MARGIN_MM
+    assert module.DEFAULT_ROTATIONS == settings.DEFAULT_ROTATIONS == settings.Settings().rotations
+    assert module.DEFAULT_FACETS == settings.DEFAULT_FACETS == settings.Settings().facets
+    assert module.DEFAULT_MARGIN_MM == settings.DEFAULT_MARGIN_MM == settings.Settings().margin_mm
     assert [value for value, _ in module.MRIDeIdentifyLogic.availableDevices()] == list(DEVICE_CHOICES)
     names = [name for name, _ in module.MRIDeIdentifyLogic.availableMethods()]
     assert sorted(names) == sorted(METHODS) and "blur" in names
