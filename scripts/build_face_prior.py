@@ -134,12 +134,12 @@ def reference_gamma(mean: np.ndarray, triangles: np.ndarray):
     """
     import SimpleITK as sitk
     import torch
-    from scipy import ndimage
     from scipy.spatial import cKDTree
 
     from MRIDeIdentifyLib.brainmask import dilate_mm, extract_brain_mask
     from MRIDeIdentifyLib.faceprior import similarity_fit
     from MRIDeIdentifyLib.modelinputs import model_inputs
+    from MRIDeIdentifyLib.placement import skin_points
     from MRIDeIdentifyLib.modelgrid import ModelGrid
     from MRIDeIdentifyLib.template import load_template
 
@@ -151,10 +151,7 @@ def reference_gamma(mean: np.ndarray, triangles: np.ndarray):
     inputs = model_inputs(grid.to_model(image), grid.mask_to_model(brain, image), seed=0)
     labels = (inputs.gamma[0] + inputs.gamma[1]).numpy().astype(np.uint8)
 
-    surface = head & ~ndimage.binary_erosion(head)
-    kji = np.argwhere(surface)[::3]
-    direction = np.array(image.GetDirection()).reshape(3, 3)
-    points = (direction @ (kji[:, ::-1] * np.array(image.GetSpacing())).T).T + np.array(image.GetOrigin())
+    points = skin_points(image, head, step=3)
     tree = cKDTree(points)
     skin = mean[mean[:, 2] > mean[:, 2].min() + 60.0]          # the neck is cut elsewhere in the template
     # Start with the crowns, the midlines and the face fronts together.
