@@ -295,7 +295,8 @@ def native_skin(prior: FacePrior, vertices: np.ndarray, image: sitk.Image, brain
     return skin_distance(prior, vertices, image, brain_distance, spacing_mm=_NATIVE_SKIN_SPACING_MM, clip_mm=clip)
 
 
-def cube_skin(prior: FacePrior, vertices: np.ndarray, grid: ModelGrid, gamma: np.ndarray) -> np.ndarray:
+def cube_skin(prior: FacePrior, vertices: np.ndarray, grid: ModelGrid, scalp: sitk.Image) -> np.ndarray:
     """The skin's signed distance on the model grid (float32 (S, S, S), mm, clipped to +-20): the generator's
-    conditioning channel, built the same way for a training head's fitted face and a scan's drawn one."""
-    return skin_distance(prior, vertices, grid.reference(), brain_distance(gamma, grid), spacing_mm=grid.spacing)
+    conditioning channel, built the same way for a training head's fitted face and a scan's drawn one.
+    ``scalp``: :func:`brain_distance` of the head's gamma."""
+    return skin_distance(prior, vertices, grid.reference(), scalp, spacing_mm=grid.spacing)

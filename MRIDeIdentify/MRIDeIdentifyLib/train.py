@@ -136,12 +136,12 @@ def fit_skin(image: sitk.Image, head: np.ndarray, grid, volume: np.ndarray,
     the kind of surface it is given at inference."""
     from .faceprior import load_face_prior
     from .modelinputs import model_inputs
-    from .placement import cube_skin, field_of_view, fit_identity, skin_points
+    from .placement import brain_distance, cube_skin, field_of_view, fit_identity, skin_points
 
     prior = load_face_prior()
     gamma = model_inputs(volume, brain, seed=0).gamma.numpy()
     _, vertices, error = fit_identity(prior, skin_points(image, head), gamma, grid, field_of_view(image, grid))
-    return cube_skin(prior, vertices, grid, gamma), error
+    return cube_skin(prior, vertices, grid, brain_distance(gamma, grid)), error
 
 
 def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Head]:

@@ -95,7 +95,7 @@ def run_prior(ctx: MethodContext) -> MethodOutput:
     ctx.options.setdefault("grid_size", 64)
     grid = ctx.grid()
     prior = load_face_prior(ctx.options.get("face_prior"))
-    inputs, vertices = draw_new_face(ctx, grid, prior)
+    _, inputs, vertices = draw_new_face(ctx, grid, prior)
     with ctx.stage("skin"):
         skin = native_skin(prior, vertices, ctx.image, brain_distance(inputs.gamma.cpu().numpy(), grid))
         head = skin < 0.5 * RIM_VOXELS * float(max(ctx.image.GetSpacing()))

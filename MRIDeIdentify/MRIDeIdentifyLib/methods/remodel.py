@@ -73,9 +73,10 @@ def tissue_gain(volume: torch.Tensor, fake: torch.Tensor, brain: torch.Tensor, t
     return float(torch.clamp(real.median() / generated.median().clamp_min(1e-6), 0.5, 2.0))
 
 
-def draw_new_face(ctx: MethodContext, grid: Any, prior: Any) -> Tuple[ModelInputs, np.ndarray]:
+def draw_new_face(ctx: MethodContext, grid: Any, prior: Any) -> Tuple[torch.Tensor, ModelInputs, np.ndarray]:
     """The stages every face-prior method shares: gamma on the model grid ("privacy transform"), then a new
-    identity placed from it ("face prior"). Returns gamma (with its head level) and the vertices (LPS mm)."""
+    identity placed from it ("face prior"). Returns the input on the cube (normalised, on ``ctx.device``), gamma
+    (with its head level) and the vertices (LPS mm)."""
     with ctx.stage("privacy transform"):
         volume = torch.from_numpy(grid.to_model(ctx.image)).to(ctx.device)
         brain = torch.from_numpy(grid.mask_to_model(ctx.brain, ctx.image)).to(ctx.device)
@@ -87,7 +88,7 @@ def draw_new_face(ctx: MethodContext, grid: Any, prior: Any) -> Tuple[ModelInput
         vertices = draw_face(prior, ctx.seed, ctx.array[ctx.brain], inputs.gamma.cpu().numpy(), grid, ctx.image,
                              sigma)
         ctx.provenance["face_prior"] = face_prior_record(prior, sigma)
-    return inputs, vertices
+    return volume, inputs, vertices
 
 
 def tissue_level(ctx: MethodContext) -> float:
@@ -110,15 +111,14 @@ def run(ctx: MethodContext) -> MethodOutput:
     grid = ctx.grid()
     prior = load_face_prior(ctx.options.get("face_prior"))
 
-    inputs, vertices = draw_new_face(ctx, grid, prior)
-    gamma = inputs.gamma.cpu().numpy()
+    volume, inputs, vertices = draw_new_face(ctx, grid, prior)
 
     with ctx.stage("skin"):
-        skin_cube = cube_skin(prior, vertices, grid, gamma)
-        skin_native = native_skin(prior, vertices, ctx.image, brain_distance(gamma, grid))
+        scalp = brain_distance(inputs.gamma.cpu().numpy(), grid)
+        skin_cube = cube_skin(prior, vertices, grid, scalp)
+        skin_native = native_skin(prior, vertices, ctx.image, scalp)
 
     with ctx.stage("generator"):
-        volume = inputs.gamma.new_tensor(grid.to_model(ctx.image))
         brain = inputs.gamma[1] > 0.5
         # A CPU generator: the same seed gives the same noise and pooling draws on any device.
         rng = torch.Generator().manual_seed(ctx.seed)
