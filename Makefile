@@ -26,9 +26,11 @@ $(STAMP): pyproject.toml Makefile
 demo: env
 	$(VENV)/bin/mri-deidentify demo demo-output
 
-# Lint: ruff on the engine, the module, tests, benchmarks and scripts; mypy on the engine (pyproject.toml).
+# Lint: ruff (lint and format) on the engine, the module, tests, benchmarks and scripts; mypy on the engine
+# (pyproject.toml).
 lint: env
 	$(VENV)/bin/ruff check MRIDeIdentify benchmarks scripts
+	$(VENV)/bin/ruff format --check MRIDeIdentify benchmarks scripts
 	$(VENV)/bin/mypy
 
 test: env lint

@@ -5,6 +5,7 @@ run in order, no Qt) and the Test (run inside the application). The work is done
 ``MRIDeIdentifyLib`` beside this file, which knows nothing of Slicer; ``MRIDeIdentifySlicer`` beside it holds the
 Slicer-side pieces the Logic uses (dependency installation, node <-> image conversion, the child process, the views).
 """
+
 from __future__ import annotations
 
 import logging
@@ -174,8 +175,9 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.outputFaceMaskSelector.setCurrentNode(node.GetNodeReference("OutputFaceMask"))
             methodIndex = self.ui.methodComboBox.findData(node.GetParameter("Method"))
             self.ui.methodComboBox.setCurrentIndex(max(methodIndex, 0))
-            self.ui.methodDescriptionLabel.text = self.ui.methodComboBox.itemData(
-                self.ui.methodComboBox.currentIndex, qt.Qt.ToolTipRole) or ""
+            self.ui.methodDescriptionLabel.text = (
+                self.ui.methodComboBox.itemData(self.ui.methodComboBox.currentIndex, qt.Qt.ToolTipRole) or ""
+            )
             self.ui.deviceComboBox.setCurrentIndex(max(self.ui.deviceComboBox.findData(node.GetParameter("Device")), 0))
             self.ui.modelPathLineEdit.currentPath = node.GetParameter("ModelPath")
             self.ui.seedSpinBox.value = int(node.GetParameter("Seed"))
@@ -192,8 +194,13 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for widget in (self.ui.modelPathLineEdit, self.ui.rotationsSpinBox, self.ui.facetsSpinBox):
                 widget.enabled = remodel and not self._running
             self.ui.applyButton.enabled = bool(inputVolume) or self._running
-            self.ui.applyButton.toolTip = ("Stop the running de-identification" if self._running else
-                                           "De-identify the input volume" if inputVolume else "Select an input volume")
+            self.ui.applyButton.toolTip = (
+                "Stop the running de-identification"
+                if self._running
+                else "De-identify the input volume"
+                if inputVolume
+                else "Select an input volume"
+            )
             canCompare = bool(inputVolume and outputVolume and outputVolume.GetImageData()) and not self._running
             self.ui.showBeforeAfterButton.enabled = canCompare
             self.ui.saveQARendersButton.enabled = canCompare
@@ -227,8 +234,12 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = run
         running = run is not None
         self.ui.applyButton.text = "Cancel" if running else "De-identify"
-        for widget in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton,
-                       self.ui.advancedCollapsibleButton, self.ui.outputsCollapsibleButton):
+        for widget in (
+            self.ui.inputsCollapsibleButton,
+            self.ui.methodCollapsibleButton,
+            self.ui.advancedCollapsibleButton,
+            self.ui.outputsCollapsibleButton,
+        ):
             widget.enabled = not running
         self.ui.progressBar.visible = running
         self.ui.progressBar.value = 0
@@ -246,8 +257,9 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         # No wait cursor around the question; the status line says what is being installed while it is.
         with slicer.util.tryWithErrorDisplay("Could not install what MRIDeIdentify needs."):
-            if not self.logic.setupPythonRequirements(confirm=slicer.util.confirmOkCancelDisplay, status=self._status,
-                                                      busy=slicer.util.WaitCursor):
+            if not self.logic.setupPythonRequirements(
+                confirm=slicer.util.confirmOkCancelDisplay, status=self._status, busy=slicer.util.WaitCursor
+            ):
                 self.ui.statusLabel.text = "Not run: the required Python packages were not installed."
                 return
             self._populateMethods()
@@ -257,13 +269,19 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             with slicer.util.WaitCursor():
                 run = self.logic.startProcess(
-                    p.GetNodeReference("InputVolume"), p.GetNodeReference("OutputVolume"), p.GetParameter("Method"),
-                    brainMaskNode=p.GetNodeReference("BrainMask"), marginMm=float(p.GetParameter("MarginMm")),
-                    seed=int(p.GetParameter("Seed")), device=p.GetParameter("Device"),
-                    modelPath=p.GetParameter("ModelPath"), rotations=int(p.GetParameter("Rotations")),
+                    p.GetNodeReference("InputVolume"),
+                    p.GetNodeReference("OutputVolume"),
+                    p.GetParameter("Method"),
+                    brainMaskNode=p.GetNodeReference("BrainMask"),
+                    marginMm=float(p.GetParameter("MarginMm")),
+                    seed=int(p.GetParameter("Seed")),
+                    device=p.GetParameter("Device"),
+                    modelPath=p.GetParameter("ModelPath"),
+                    rotations=int(p.GetParameter("Rotations")),
                     facets=int(p.GetParameter("Facets")),
                     outputBrainMaskNode=p.GetNodeReference("OutputBrainMask"),
-                    outputFaceMaskNode=p.GetNodeReference("OutputFaceMask"))
+                    outputFaceMaskNode=p.GetNodeReference("OutputFaceMask"),
+                )
         except Exception as error:
             self._showFailure(error)
             return
@@ -323,16 +341,21 @@ class MRIDeIdentifyWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onShowBeforeAfter(self):
         with slicer.util.tryWithErrorDisplay("Could not show the before/after renderings.", waitCursor=True):
-            self.logic.showBeforeAfter(self._parameterNode.GetNodeReference("InputVolume"),
-                                       self._parameterNode.GetNodeReference("OutputVolume"))
+            self.logic.showBeforeAfter(
+                self._parameterNode.GetNodeReference("InputVolume"),
+                self._parameterNode.GetNodeReference("OutputVolume"),
+            )
 
     def onSaveQARenders(self):
         folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Folder for the QA renderings")
         if not folder:
             return
         with slicer.util.tryWithErrorDisplay("Could not save the QA renderings.", waitCursor=True):
-            paths = self.logic.saveQARenders(self._parameterNode.GetNodeReference("InputVolume"),
-                                             self._parameterNode.GetNodeReference("OutputVolume"), folder)
+            paths = self.logic.saveQARenders(
+                self._parameterNode.GetNodeReference("InputVolume"),
+                self._parameterNode.GetNodeReference("OutputVolume"),
+                folder,
+            )
             self.ui.statusLabel.text = f"Saved {len(paths)} renderings; summary: {paths[-1]}"
 
 
@@ -345,9 +368,9 @@ class ProcessOutcome(NamedTuple):
     outputVolumeNode: object
     method: str
     device: str
-    seconds: float           # from the click to the output nodes filled
+    seconds: float  # from the click to the output nodes filled
     provenance: dict
-    startupSeconds: Optional[float] = None   # child process start to the engine imported in it (panel runs only)
+    startupSeconds: Optional[float] = None  # child process start to the engine imported in it (panel runs only)
 
 
 class _Request(NamedTuple):
@@ -358,7 +381,7 @@ class _Request(NamedTuple):
     method: Optional[str]
     image: object
     brainMask: object
-    settings: dict           # pipeline.deidentify's keyword arguments (margin_mm, seed, device, options)
+    settings: dict  # pipeline.deidentify's keyword arguments (margin_mm, seed, device, options)
     outputBrainMaskNode: object
     outputFaceMaskNode: object
     start: float
@@ -389,9 +412,15 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
     # --- parameters and dependencies ---------------------------------------------------------------------------
 
     def setDefaultParameters(self, parameterNode) -> None:
-        defaults = {"Method": DEFAULT_METHOD, "Device": "auto", "ModelPath": "", "Seed": "0",
-                    "MarginMm": str(DEFAULT_MARGIN_MM), "Rotations": str(DEFAULT_ROTATIONS),
-                    "Facets": str(DEFAULT_FACETS)}
+        defaults = {
+            "Method": DEFAULT_METHOD,
+            "Device": "auto",
+            "ModelPath": "",
+            "Seed": "0",
+            "MarginMm": str(DEFAULT_MARGIN_MM),
+            "Rotations": str(DEFAULT_ROTATIONS),
+            "Facets": str(DEFAULT_FACETS),
+        }
         for name, value in defaults.items():
             if not parameterNode.GetParameter(name):
                 parameterNode.SetParameter(name, value)
@@ -433,9 +462,16 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
 
     # --- processing --------------------------------------------------------------------------------------------
 
-    def process(self, inputVolumeNode, outputVolumeNode=None, method: Optional[str] = None, *,
-                progress: Optional[Callable[[str, float], None]] = None,
-                cancel: Optional[Callable[[], bool]] = None, **options) -> ProcessOutcome:
+    def process(
+        self,
+        inputVolumeNode,
+        outputVolumeNode=None,
+        method: Optional[str] = None,
+        *,
+        progress: Optional[Callable[[str, float], None]] = None,
+        cancel: Optional[Callable[[], bool]] = None,
+        **options,
+    ) -> ProcessOutcome:
         """De-identify ``inputVolumeNode`` into ``outputVolumeNode`` (created, named after the input, when None), the
         engine running in this process. Options: ``brainMaskNode``, ``marginMm``, ``seed``, ``device``,
         ``modelPath``, ``rotations``, ``facets``, ``outputBrainMaskNode``, ``outputFaceMaskNode``.
@@ -452,12 +488,17 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
         request = self._prepare(inputVolumeNode, outputVolumeNode, method, **options)
         from MRIDeIdentifyLib.pipeline import deidentify
 
-        result = deidentify(request.image, request.method, brain_mask=request.brainMask, progress=progress,
-                            cancel=cancel, **request.settings)
+        result = deidentify(
+            request.image,
+            request.method,
+            brain_mask=request.brainMask,
+            progress=progress,
+            cancel=cancel,
+            **request.settings,
+        )
         return self._fillOutputs(request, result)
 
-    def startProcess(self, inputVolumeNode, outputVolumeNode=None, method: Optional[str] = None,
-                     **options) -> ChildRun:
+    def startProcess(self, inputVolumeNode, outputVolumeNode=None, method: Optional[str] = None, **options) -> ChildRun:
         """:meth:`process` with the engine in a child process: checks the inputs (errors are raised here), writes
         the input to temporary files and returns the started :class:`ChildRun` at once. Call its ``poll()`` from a
         timer, then :meth:`finishProcess` once ``finished()``; :meth:`cancelProcess` ends it."""
@@ -489,10 +530,22 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
             run.cancel()
             run.close()
 
-    def _prepare(self, inputVolumeNode, outputVolumeNode=None, method: Optional[str] = None, *,
-                 brainMaskNode=None, marginMm: float = DEFAULT_MARGIN_MM, seed: int = 0, device: str = "auto",
-                 modelPath: str = "", rotations: int = DEFAULT_ROTATIONS, facets: int = DEFAULT_FACETS,
-                 outputBrainMaskNode=None, outputFaceMaskNode=None) -> _Request:
+    def _prepare(
+        self,
+        inputVolumeNode,
+        outputVolumeNode=None,
+        method: Optional[str] = None,
+        *,
+        brainMaskNode=None,
+        marginMm: float = DEFAULT_MARGIN_MM,
+        seed: int = 0,
+        device: str = "auto",
+        modelPath: str = "",
+        rotations: int = DEFAULT_ROTATIONS,
+        facets: int = DEFAULT_FACETS,
+        outputBrainMaskNode=None,
+        outputFaceMaskNode=None,
+    ) -> _Request:
         """Check the inputs (before anything needs PyTorch) and read the nodes into the engine's images."""
         if inputVolumeNode is None:
             raise ValueError("Select an input volume.")
@@ -510,9 +563,17 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
         if modelPath:
             options["model"] = modelPath
         settings = {"margin_mm": float(marginMm), "seed": int(seed), "device": device, "options": options}
-        return _Request(inputVolumeNode, outputVolumeNode, method, nodes.imageFromVolumeNode(inputVolumeNode),
-                        nodes.brainMaskImage(brainMaskNode, inputVolumeNode), settings, outputBrainMaskNode,
-                        outputFaceMaskNode, start)
+        return _Request(
+            inputVolumeNode,
+            outputVolumeNode,
+            method,
+            nodes.imageFromVolumeNode(inputVolumeNode),
+            nodes.brainMaskImage(brainMaskNode, inputVolumeNode),
+            settings,
+            outputBrainMaskNode,
+            outputFaceMaskNode,
+            start,
+        )
 
     def _fillOutputs(self, request: _Request, result) -> ProcessOutcome:
         """The engine's result (``pipeline.Result`` or ``ChildResult``) into the output nodes (main thread)."""
@@ -535,14 +596,29 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
             outputDisplay.SetAutoWindowLevel(False)
             outputDisplay.SetWindowLevel(inputDisplay.GetWindow(), inputDisplay.GetLevel())
         if request.outputBrainMaskNode is not None:
-            nodes.fillSegmentation(request.outputBrainMaskNode, result.brain_mask, inputVolumeNode,
-                                   "brain (copied exactly)", (0.9, 0.8, 0.2))
+            nodes.fillSegmentation(
+                request.outputBrainMaskNode,
+                result.brain_mask,
+                inputVolumeNode,
+                "brain (copied exactly)",
+                (0.9, 0.8, 0.2),
+            )
         if request.outputFaceMaskNode is not None:
-            nodes.fillSegmentation(request.outputFaceMaskNode, result.face_mask, inputVolumeNode,
-                                   "face region (remodeled)", (0.3, 0.6, 0.9))
+            nodes.fillSegmentation(
+                request.outputFaceMaskNode,
+                result.face_mask,
+                inputVolumeNode,
+                "face region (remodeled)",
+                (0.3, 0.6, 0.9),
+            )
         provenance = dict(result.provenance)
-        return ProcessOutcome(outputVolumeNode, str(provenance.get("method", request.method)), str(result.device),
-                              time.perf_counter() - request.start, provenance)
+        return ProcessOutcome(
+            outputVolumeNode,
+            str(provenance.get("method", request.method)),
+            str(result.device),
+            time.perf_counter() - request.start,
+            provenance,
+        )
 
     # --- checking the result -----------------------------------------------------------------------------------
 
@@ -563,8 +639,9 @@ class MRIDeIdentifyLogic(ScriptedLoadableModuleLogic):
         if inputVolumeNode is None or outputVolumeNode is None:
             raise ValueError("Select an input volume and a de-identified output volume first.")
         os.makedirs(folder, exist_ok=True)
-        paths = write_qa(nodes.imageFromVolumeNode(inputVolumeNode), nodes.imageFromVolumeNode(outputVolumeNode),
-                         folder)
+        paths = write_qa(
+            nodes.imageFromVolumeNode(inputVolumeNode), nodes.imageFromVolumeNode(outputVolumeNode), folder
+        )
         return [str(path) for path in paths]
 
 
@@ -590,8 +667,10 @@ class MRIDeIdentifyTest(ScriptedLoadableModuleTest):
             self.setUp()
             self.test_panel()
         if not dependencies.torchReady():
-            self.delayDisplay("PyTorch is not installed: skipped the de-identification and rendering tests "
-                              "(they would install PyTorch and download a sample head).")
+            self.delayDisplay(
+                "PyTorch is not installed: skipped the de-identification and rendering tests "
+                "(they would install PyTorch and download a sample head)."
+            )
             return
         self.setUp()
         self.test_process_keeps_grid_and_brain()
@@ -606,8 +685,12 @@ class MRIDeIdentifyTest(ScriptedLoadableModuleTest):
         labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
         slicer.util.updateVolumeFromArray(labelmap, np.zeros((4, 5, 6), np.uint8))
         empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
-        for arguments, expected in (((None,), "Select an input volume"), ((labelmap,), "not a scalar"),
-                                    ((empty,), "has no voxels"), ((volume, volume), "never overwritten")):
+        for arguments, expected in (
+            ((None,), "Select an input volume"),
+            ((labelmap,), "not a scalar"),
+            ((empty,), "has no voxels"),
+            ((volume, volume), "never overwritten"),
+        ):
             with self.assertRaises(ValueError) as raised:
                 logic.process(*arguments)
             self.assertIn(expected, str(raised.exception))
@@ -658,8 +741,9 @@ class MRIDeIdentifyTest(ScriptedLoadableModuleTest):
         left, right = logic.showBeforeAfter(inputVolume, outputVolume)
         vrLogic = slicer.modules.volumerendering.logic()
         self.assertEqual(list(vrLogic.GetFirstVolumeRenderingDisplayNode(inputVolume).GetViewNodeIDs()), [left.GetID()])
-        self.assertEqual(list(vrLogic.GetFirstVolumeRenderingDisplayNode(outputVolume).GetViewNodeIDs()),
-                         [right.GetID()])
+        self.assertEqual(
+            list(vrLogic.GetFirstVolumeRenderingDisplayNode(outputVolume).GetViewNodeIDs()), [right.GetID()]
+        )
         self.assertEqual(slicer.app.layoutManager().layout, slicer.vtkMRMLLayoutNode.SlicerLayoutDual3DView)
         self.assertTrue(left.GetLinkedControl() and right.GetLinkedControl())
         slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)

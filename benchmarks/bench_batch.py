@@ -11,6 +11,7 @@ Scans per hour count the whole command (start-up, model loading, every scan).
     .venv/bin/python benchmarks/bench_batch.py --quick         # --jobs 1 and 2 on 4 scans; 20-scan curve
     .venv/bin/python benchmarks/bench_batch.py --method blur --heads S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,12 @@ from typing import Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MRIDEIDENTIFY_SHARED_DATA", REPO.parent / "shared" / "data"))
 # 1 mm heads of distinct people and templates (the 2 mm and 3 mm heads are faster, less representative).
-DEFAULT_HEADS = ("S01_chris_t1_mricron.nii.gz", "S12_colin27_ch2.nii.gz", "S13_seg3d_MR_T1.nii.gz",
-                 "T03_fsl_MNI152_T1_1mm.nii.gz")
+DEFAULT_HEADS = (
+    "S01_chris_t1_mricron.nii.gz",
+    "S12_colin27_ch2.nii.gz",
+    "S13_seg3d_MR_T1.nii.gz",
+    "T03_fsl_MNI152_T1_1mm.nii.gz",
+)
 CHECKPOINTS = (10, 50, 100)
 
 
@@ -38,9 +43,9 @@ class Run:
     scans: int
     wall_s: float = 0.0
     exit_code: Optional[int] = None
-    peak_total_gb: float = 0.0           # batch process + workers, summed at each sample
-    peak_process_gb: float = 0.0         # the largest single process
-    at: Dict[int, float] = field(default_factory=dict)   # finished scans -> peak total GB until then
+    peak_total_gb: float = 0.0  # batch process + workers, summed at each sample
+    peak_process_gb: float = 0.0  # the largest single process
+    at: Dict[int, float] = field(default_factory=dict)  # finished scans -> peak total GB until then
 
     @property
     def scans_per_hour(self) -> float:
@@ -63,7 +68,7 @@ def rss_gb(pid: int) -> float:
         with open(f"/proc/{pid}/status", encoding="ascii") as stream:
             for line in stream:
                 if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024 ** 2
+                    return int(line.split()[1]) / 1024**2
     except OSError:
         pass
     return 0.0
@@ -90,8 +95,18 @@ def finished(out: Path) -> int:
 
 
 def run_batch(dataset: Path, out: Path, jobs: int, scans: int, method: Optional[str], threads: int) -> Run:
-    command = [sys.executable, "-m", "MRIDeIdentifyLib", "batch", str(dataset), str(out), "--jobs", str(jobs),
-               "--device", "cpu"] + (["--method", method] if method else [])
+    command = [
+        sys.executable,
+        "-m",
+        "MRIDeIdentifyLib",
+        "batch",
+        str(dataset),
+        str(out),
+        "--jobs",
+        str(jobs),
+        "--device",
+        "cpu",
+    ] + (["--method", method] if method else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     result = Run(jobs, scans)
     start = time.perf_counter()
@@ -122,8 +137,9 @@ def main() -> int:
     parser.add_argument("--heads", nargs="+", default=list(DEFAULT_HEADS), help="shared head file names")
     parser.add_argument("--scans", type=int, help="scans per --jobs case (default 16; --quick 4)")
     parser.add_argument("--curve", type=int, help="scans of the memory curve (default 100; --quick 20; 0 = skip)")
-    parser.add_argument("--jobs", type=int, nargs="*", default=[1, 2],
-                        help="--jobs values to compare (none: the curve only)")
+    parser.add_argument(
+        "--jobs", type=int, nargs="*", default=[1, 2], help="--jobs values to compare (none: the curve only)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for the whole batch (OMP_NUM_THREADS)")
     args = parser.parse_args()
     scans = args.scans or (4 if args.quick else 16)
@@ -134,9 +150,11 @@ def main() -> int:
         print(f"shared heads not found: {', '.join(missing)} (set MRIDEIDENTIFY_SHARED_DATA)", file=sys.stderr)
         return 2
 
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; {args.threads} threads for the whole batch; method "
-          f"{args.method or 'default'}; heads {', '.join(args.heads)}\n")
+    print(
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}; {args.threads} threads for the whole batch; method "
+        f"{args.method or 'default'}; heads {', '.join(args.heads)}\n"
+    )
     with tempfile.TemporaryDirectory(prefix="bench_batch.") as tmp:
         root = Path(tmp)
         dataset = make_dataset(root / "bids", heads, max(scans, curve))
@@ -146,14 +164,19 @@ def main() -> int:
         for jobs in args.jobs:
             print(f"running --jobs {jobs} on {scans} scans", file=sys.stderr)
             r = run_batch(subset, root / f"out-jobs{jobs}", jobs, scans, args.method, args.threads)
-            print(f"| {jobs} | {scans} | {r.wall_s:.1f} | {r.scans_per_hour:.0f} | {r.peak_total_gb:.2f} | "
-                  f"{r.peak_process_gb:.2f} | {r.exit_code} |", flush=True)
+            print(
+                f"| {jobs} | {scans} | {r.wall_s:.1f} | {r.scans_per_hour:.0f} | {r.peak_total_gb:.2f} | "
+                f"{r.peak_process_gb:.2f} | {r.exit_code} |",
+                flush=True,
+            )
         if curve:
             print(f"running the {curve}-scan memory curve (--jobs 1)", file=sys.stderr)
             r = run_batch(dataset, root / "out-curve", 1, curve, args.method, args.threads)
             marks = [m for m in CHECKPOINTS if m <= curve] or [curve]
-            print(f"\nPeak resident memory over one {curve}-scan batch (--jobs 1; exit {r.exit_code}, "
-                  f"{r.wall_s:.0f} s, {r.scans_per_hour:.0f} scans/hour):\n")
+            print(
+                f"\nPeak resident memory over one {curve}-scan batch (--jobs 1; exit {r.exit_code}, "
+                f"{r.wall_s:.0f} s, {r.scans_per_hour:.0f} scans/hour):\n"
+            )
             print("| after scans | " + " | ".join(str(m) for m in marks) + " |")
             print("|---|" + "---|" * len(marks))
             print("| peak GB | " + " | ".join(f"{r.at.get(m, float('nan')):.2f}" for m in marks) + " |")

@@ -12,6 +12,7 @@ Each case runs in a fresh process (``--threads`` torch threads) so peak RSS is t
     .venv/bin/python benchmarks/bench_model.py --quick         # dense only, without 256³
     .venv/bin/python benchmarks/bench_model.py --device cuda
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,18 @@ from typing import List
 
 import torch
 
-CASES = [("train", 64, "dense"), ("train", 64, "mbconv"), ("train", 128, "dense"), ("train", 128, "mbconv"),
-         ("pretrain", 64, "dense"), ("pretrain", 128, "dense"),
-         ("infer", 128, "dense"), ("infer", 128, "mbconv"), ("infer", 256, "dense"), ("infer", 256, "mbconv")]
+CASES = [
+    ("train", 64, "dense"),
+    ("train", 64, "mbconv"),
+    ("train", 128, "dense"),
+    ("train", 128, "mbconv"),
+    ("pretrain", 64, "dense"),
+    ("pretrain", 128, "dense"),
+    ("infer", 128, "dense"),
+    ("infer", 128, "mbconv"),
+    ("infer", 256, "dense"),
+    ("infer", 256, "mbconv"),
+]
 # Measured once: the MobileNet-v2 generator needs ~2.8 GB for a 128³ forward pass and 8x that at 256³, more than
 # a 2-core / 23 GB development machine can give beside other work.
 SKIP_ON_CPU = {("infer", 256, "mbconv"): "needs ~22 GB on CPU (8x the 2.8 GB measured at 128³)"}
@@ -40,27 +50,39 @@ def run_case(kind: str, size: int, block: str, repeats: int, device: str) -> dic
     config = ModelConfig(size=size, block=block)
     axis = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     k, j, i = torch.meshgrid(axis, axis, axis, indexing="ij")
-    radius = (k ** 2 + j ** 2 + i ** 2).sqrt() / size
+    radius = (k**2 + j**2 + i**2).sqrt() / size
     hull, brain = (radius < 0.45).float(), (radius < 0.25).float()
     gamma = torch.stack([hull, brain, brain * 0.8])[None].to(device)
     rng = torch.Generator().manual_seed(0)
     gammas = gamma_pyramid(gamma, config.n_blocks, rng)
     z = noise(1, rng, device)
     generator = Generator(config).to(device)
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else None)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else None
     if kind in ("train", "pretrain"):
         discriminator = Discriminator(config).to(device)
         settings = train.TrainConfig(size=size, block=block)
         opt_g = train.make_optimizer(generator.parameters(), settings)
         opt_d = train.make_optimizer(discriminator.parameters(), settings)
         x = (hull * 0.6 + brain * 0.4)[None, None].to(device)
-        batch = {"reals": pyramid(x, config.n_blocks), "fractions": pyramid(brain[None, None].to(device), config.n_blocks),
-                 "gammas": gammas, "noise": z}
+        batch = {
+            "reals": pyramid(x, config.n_blocks),
+            "fractions": pyramid(brain[None, None].to(device), config.n_blocks),
+            "gammas": gammas,
+            "noise": z,
+        }
 
         def once():
             kwargs = {"autocast": autocast} if autocast else {}
-            train.train_step(generator, discriminator, opt_g, opt_d, batch, settings.recon_weight,
-                             adversarial=kind == "train", **kwargs)
+            train.train_step(
+                generator,
+                discriminator,
+                opt_g,
+                opt_d,
+                batch,
+                settings.recon_weight,
+                adversarial=kind == "train",
+                **kwargs,
+            )
     else:
         generator.eval()
 
@@ -81,16 +103,31 @@ def run_case(kind: str, size: int, block: str, repeats: int, device: str) -> dic
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    result = {"kind": kind, "size": size, "block": block, "seconds": sorted(times[1:])[len(times[1:]) // 2],
-              "g_params": sum(p.numel() for p in generator.parameters())}
+    result = {
+        "kind": kind,
+        "size": size,
+        "block": block,
+        "seconds": sorted(times[1:])[len(times[1:]) // 2],
+        "g_params": sum(p.numel() for p in generator.parameters()),
+    }
     if device == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return result
 
 
 def spawn(kind: str, size: int, block: str, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--case", f"{kind}:{size}:{block}", "--threads", str(args.threads),
-               "--repeats", str(args.repeats), "--device", args.device]
+    command = [
+        sys.executable,
+        __file__,
+        "--case",
+        f"{kind}:{size}:{block}",
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--device",
+        args.device,
+    ]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = child.communicate()
     if child.returncode != 0:
@@ -113,13 +150,19 @@ def main(argv: List[str] = None) -> int:
         kind, size, block = args.case.split(":")
         result = run_case(kind, int(size), block, args.repeats, args.device)
         import resource
+
         result["rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps(result))
         return 0
 
-    print(f"# bench_model: {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"torch {torch.__version__}, device {args.device}, median of {args.repeats}\n")
-    print("| pass | size | block | G params | seconds | peak RSS GB |" + (" peak GPU GB |" if args.device == "cuda" else ""))
+    print(
+        f"# bench_model: {platform.processor() or platform.machine()}, {args.threads} threads, "
+        f"torch {torch.__version__}, device {args.device}, median of {args.repeats}\n"
+    )
+    print(
+        "| pass | size | block | G params | seconds | peak RSS GB |"
+        + (" peak GPU GB |" if args.device == "cuda" else "")
+    )
     print("|---|---|---|---|---|---|" + ("---|" if args.device == "cuda" else ""))
     for kind, size, block in CASES:
         if args.quick and (block == "mbconv" or size == 256):
@@ -133,8 +176,10 @@ def main(argv: List[str] = None) -> int:
             print(f"| {kind} | {size}³ | {block} | | failed: {r['error']} | |")
             continue
         gpu = f" {r['peak_gpu_gb']:.2f} |" if "peak_gpu_gb" in r else ""
-        print(f"| {kind} | {size}³ | {block} | {r['g_params']:,} | {r['seconds']:.2f} | {r['peak_rss_gb']:.2f} |{gpu}",
-              flush=True)
+        print(
+            f"| {kind} | {size}³ | {block} | {r['g_params']:,} | {r['seconds']:.2f} | {r['peak_rss_gb']:.2f} |{gpu}",
+            flush=True,
+        )
     return 0
 
 

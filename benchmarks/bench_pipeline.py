@@ -11,6 +11,7 @@ SimpleITK (linear) into a temporary folder. Prints Markdown tables and, per 1 mm
     .venv/bin/python benchmarks/bench_pipeline.py            # every 1 mm head + the 0.5 mm head, every method
     .venv/bin/python benchmarks/bench_pipeline.py --quick    # one 1 mm head, every method
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ from MRIDeIdentifyLib.provenance import sidecar_path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MRIDeIdentify" / "Testing" / "Python"))
 from conftest import SHARED_DATA as SHARED  # noqa: E402  (the one place that knows where the scans are)
+
 HEADS_1MM = ("S01_chris_t1_mricron.nii.gz", "S12_colin27_ch2.nii.gz", "T03_fsl_MNI152_T1_1mm.nii.gz")
 HALF_MM_SOURCE = HEADS_1MM[0]
 # Stages the pipeline itself times; every other key of timings_s is one of the method's own stages.
@@ -58,12 +60,14 @@ class Case:
 
 def registered_methods() -> List[str]:
     from MRIDeIdentifyLib.methods import method_names
+
     return method_names()
 
 
 def make_half_mm(source: Path, folder: Path) -> Path:
     """``source`` resampled to 0.5 mm voxels over the same physical box (linear, same pixel type)."""
     import SimpleITK as sitk
+
     image = sitk.ReadImage(str(source))
     factor = [s / 0.5 for s in image.GetSpacing()]
     size = [int(round(n * f)) for n, f in zip(image.GetSize(), factor)]
@@ -81,6 +85,7 @@ def make_half_mm(source: Path, folder: Path) -> Path:
 
 def describe(path: Path) -> tuple:
     import SimpleITK as sitk
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.ReadImageInformation()
@@ -120,8 +125,9 @@ def run_fresh(command: List[str], threads: int, env: Optional[Dict[str, str]] = 
 
     with tempfile.TemporaryFile("w+") as log:
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=log, stderr=log, env=env or child_environment(threads),
-                                   cwd=str(REPO), preexec_fn=pin)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=log, env=env or child_environment(threads), cwd=str(REPO), preexec_fn=pin
+        )
         # wait4 gives this child's own usage (getrusage(RUSAGE_CHILDREN) is the maximum over all children).
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - start
@@ -135,8 +141,23 @@ def run_fresh(command: List[str], threads: int, env: Optional[Dict[str, str]] = 
 def run_case(case: Case, threads: int, workdir: Path) -> None:
     """Run one ``mri-deidentify run`` in a fresh process and fill in the case's timings and memory."""
     output = workdir / f"{case.method}_{case.path.name}"
-    fresh = run_fresh([sys.executable, "-m", "MRIDeIdentifyLib", "run", str(case.path), str(output),
-                       "--method", case.method, "--device", "cpu", "--seed", "0"], threads)
+    fresh = run_fresh(
+        [
+            sys.executable,
+            "-m",
+            "MRIDeIdentifyLib",
+            "run",
+            str(case.path),
+            str(output),
+            "--method",
+            case.method,
+            "--device",
+            "cpu",
+            "--seed",
+            "0",
+        ],
+        threads,
+    )
     case.exit_code, case.process_wall_s, case.peak_rss_gb = fresh.exit_code, fresh.wall_s, fresh.peak_rss_gb
     if fresh.exit_code != 0:
         case.error = fresh.lines[-1] if fresh.lines else f"exit {fresh.exit_code}"
@@ -152,21 +173,28 @@ def fmt(seconds: Optional[float]) -> str:
 
 
 def table(cases: List[Case]) -> str:
-    head = ("| head | size | spacing mm | method | read | head mask | brain mask | method | composite | write "
-            "| other | run wall | process wall | peak RSS GB |")
+    head = (
+        "| head | size | spacing mm | method | read | head mask | brain mask | method | composite | write "
+        "| other | run wall | process wall | peak RSS GB |"
+    )
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for c in cases:
         if c.exit_code != 0:
             error = c.error.replace("|", "/")[:100]
-            rows.append(f"| {c.head} | {c.shape} | {c.spacing} | {c.method} | failed: {error} |"
-                        + " |" * 8 + f" {c.peak_rss_gb:.2f} |")
+            rows.append(
+                f"| {c.head} | {c.shape} | {c.spacing} | {c.method} | failed: {error} |"
+                + " |" * 8
+                + f" {c.peak_rss_gb:.2f} |"
+            )
             continue
         t = c.timings
         staged = sum(v for k, v in t.items() if k not in NOT_STAGES)
-        rows.append(f"| {c.head} | {c.shape} | {c.spacing} | {c.method} | {fmt(t.get('read'))} "
-                    f"| {fmt(t.get('head mask'))} | {fmt(t.get('brain mask'))} | {fmt(sum(c.method_stages.values()))} "
-                    f"| {fmt(t.get('composite'))} | {fmt(t.get('write'))} | {fmt(t['wall'] - staged)} | {fmt(t['wall'])} "
-                    f"| {fmt(c.process_wall_s)} | {c.peak_rss_gb:.2f} |")
+        rows.append(
+            f"| {c.head} | {c.shape} | {c.spacing} | {c.method} | {fmt(t.get('read'))} "
+            f"| {fmt(t.get('head mask'))} | {fmt(t.get('brain mask'))} | {fmt(sum(c.method_stages.values()))} "
+            f"| {fmt(t.get('composite'))} | {fmt(t.get('write'))} | {fmt(t['wall'] - staged)} | {fmt(t['wall'])} "
+            f"| {fmt(c.process_wall_s)} | {c.peak_rss_gb:.2f} |"
+        )
     return "\n".join(rows)
 
 
@@ -185,8 +213,10 @@ def verdict(cases: List[Case]) -> List[str]:
         if c.spacing.split("x") != ["1", "1", "1"] or c.exit_code != 0:
             continue
         ok = c.process_wall_s <= TARGET_SECONDS and c.peak_rss_gb <= TARGET_GB
-        lines.append(f"- {c.head} / {c.method}: {c.process_wall_s:.1f} s, {c.peak_rss_gb:.2f} GB -> "
-                     f"{'meets' if ok else 'MISSES'} the target ({TARGET_SECONDS:g} s, {TARGET_GB:g} GB)")
+        lines.append(
+            f"- {c.head} / {c.method}: {c.process_wall_s:.1f} s, {c.peak_rss_gb:.2f} GB -> "
+            f"{'meets' if ok else 'MISSES'} the target ({TARGET_SECONDS:g} s, {TARGET_GB:g} GB)"
+        )
     return lines
 
 
@@ -194,7 +224,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one 1 mm head, no 0.5 mm head")
     parser.add_argument("--methods", help="comma-separated methods (default: every registered method)")
-    parser.add_argument("--heads", help="comma-separated file names in the shared heads folder (default: the 1 mm ones)")
+    parser.add_argument(
+        "--heads", help="comma-separated file names in the shared heads folder (default: the 1 mm ones)"
+    )
     parser.add_argument("--no-half-mm", action="store_true", help="skip the 0.5 mm head")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run (default 2)")
     parser.add_argument("--json", type=Path, help="also write the raw figures to this JSON file")
@@ -202,8 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     heads_dir = SHARED / "heads"
     if not heads_dir.is_dir():
-        print(f"bench_pipeline: skipped: shared head scans not found at {SHARED} "
-              "(set MRIDEIDENTIFY_SHARED_DATA)")
+        print(f"bench_pipeline: skipped: shared head scans not found at {SHARED} (set MRIDEIDENTIFY_SHARED_DATA)")
         return 0
     methods = args.methods.split(",") if args.methods else registered_methods()
     names = args.heads.split(",") if args.heads else list(HEADS_1MM[:1] if args.quick else HEADS_1MM)
@@ -227,12 +258,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(table([case]).splitlines()[-1], file=sys.stderr, flush=True)
 
     import torch
+
     print(f"### `mri-deidentify run` on CPU, {args.threads} threads per run\n")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs on the machine, "
-          f"Python {platform.python_version()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}. "
-          "Seconds per stage from the sidecar's `timings_s`; *other*: not in any stage (set-up, loading); "
-          "*run wall* is read to written inside the command, "
-          "*process wall* adds interpreter start and imports; peak RSS of the whole process.\n")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs on the machine, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}. "
+        "Seconds per stage from the sidecar's `timings_s`; *other*: not in any stage (set-up, loading); "
+        "*run wall* is read to written inside the command, "
+        "*process wall* adds interpreter start and imports; peak RSS of the whole process.\n"
+    )
     print(table(cases))
     print()
     print(stage_table(cases))

@@ -12,6 +12,7 @@ the work itself.
     .venv/bin/python benchmarks/bench_privacy.py --threads 1      # the same on one thread
     .venv/bin/python benchmarks/bench_privacy.py --rotations      # Z accuracy and hull vs rotation count
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "MRIDeIdentify"))
 sys.path.insert(0, str(REPO / "MRIDeIdentify" / "Testing" / "Python"))
 from conftest import SHARED_DATA as SHARED  # noqa: E402  (the one place that knows where the scans are)
+
 DEFAULT_HEAD = "S12_colin27_ch2.nii.gz"
-STUDY_HEADS = ("S04_robex_ref_T1.nii.gz", "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz", "S12_colin27_ch2.nii.gz",
-               "T07_freesurfer_mni305_cor.mgz")
+STUDY_HEADS = (
+    "S04_robex_ref_T1.nii.gz",
+    "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz",
+    "S12_colin27_ch2.nii.gz",
+    "T07_freesurfer_mni305_cor.mgz",
+)
 
 
 def model_grid_inputs(path: Path, size: int):
@@ -49,8 +55,12 @@ def model_grid_inputs(path: Path, size: int):
     head_cube = grid.mask_to_model(head, image)
     # The transform's cost does not depend on the brain mask; an eroded head stands in for deepbet's.
     brain = ndimage.binary_erosion(head_cube, iterations=max(1, size // 16))
-    return (torch.from_numpy(volume), torch.from_numpy(head_cube), torch.from_numpy(brain),
-            float(grid.intensity.normalise(threshold)))
+    return (
+        torch.from_numpy(volume),
+        torch.from_numpy(head_cube),
+        torch.from_numpy(brain),
+        float(grid.intensity.normalise(threshold)),
+    )
 
 
 def _peak_rss_mb() -> float:
@@ -86,9 +96,16 @@ def measure(path: Path, size: int, repeats: int, threads: int) -> dict:
         walls.append(time.perf_counter() - start)
     cpu = (time.process_time() - cpu0) / repeats
     hull = gamma[0].bool()
-    return {"size": size, "wall_s": statistics.median(walls), "wall_min_s": min(walls), "cpu_s": cpu,
-            "peak_extra_mb": peak - base, "peak_rss_mb": peak,
-            "contains": float((hull & head).sum() / head.sum()), "hull_over_head": float(hull.sum() / head.sum())}
+    return {
+        "size": size,
+        "wall_s": statistics.median(walls),
+        "wall_min_s": min(walls),
+        "cpu_s": cpu,
+        "peak_extra_mb": peak - base,
+        "peak_rss_mb": peak,
+        "contains": float((hull & head).sum() / head.sum()),
+        "hull_over_head": float(hull.sum() / head.sum()),
+    }
 
 
 def rotation_study(size: int, threads: int) -> None:
@@ -115,12 +132,15 @@ def rotation_study(size: int, threads: int) -> None:
                 rows[k]["contains"].append(float((hull & head).sum() / head.sum()))
                 rows[k]["volume"].append(float(hull.sum() / head.sum()))
     print(f"\nRotation count at {size}^3, {len(STUDY_HEADS)} heads x 3 seeds, {threads} threads")
-    print("| rotations | Z rel. error vs 64 | hull contains head (min) | hull / head volume (mean) "
-          "| Z CPU s (median) |")
+    print(
+        "| rotations | Z rel. error vs 64 | hull contains head (min) | hull / head volume (mean) | Z CPU s (median) |"
+    )
     print("|---|---|---|---|---|")
     for k, r in rows.items():
-        print(f"| {k} | {statistics.mean(r['err']):.3f} | {min(r['contains']):.4f} | "
-              f"{statistics.mean(r['volume']):.2f} | {statistics.median(r['z_s']):.2f} |")
+        print(
+            f"| {k} | {statistics.mean(r['err']):.3f} | {min(r['contains']):.4f} | "
+            f"{statistics.mean(r['volume']):.2f} | {statistics.median(r['z_s']):.2f} |"
+        )
 
 
 def main() -> None:
@@ -142,22 +162,44 @@ def main() -> None:
         rotation_study(128, args.threads)
         return
     load = os.getloadavg()[0]
-    print(f"privacy_transform on {args.head}, {args.threads} threads, load average {load:.1f} on "
-          f"{os.cpu_count()} cores (wall time grows with the load; CPU time does not)")
-    print("| grid | wall s (median) | wall s (min) | CPU s | peak RSS growth MB | peak RSS MB | hull contains head |"
-          " hull / head volume |")
+    print(
+        f"privacy_transform on {args.head}, {args.threads} threads, load average {load:.1f} on "
+        f"{os.cpu_count()} cores (wall time grows with the load; CPU time does not)"
+    )
+    print(
+        "| grid | wall s (median) | wall s (min) | CPU s | peak RSS growth MB | peak RSS MB | hull contains head |"
+        " hull / head volume |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for size in (int(s) for s in args.sizes.split(",")):
         # Large blocks straight from mmap go back to the system when freed, so the child's RSS follows the
         # memory in use instead of glibc's arena, which keeps what the model-grid resampling freed.
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        out = subprocess.run([sys.executable, __file__, "--head", args.head, "--one", str(size),
-                              "--repeats", str(args.repeats), "--threads", str(args.threads)],
-                             check=True, capture_output=True, text=True, env=env).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--head",
+                args.head,
+                "--one",
+                str(size),
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(args.threads),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        ).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"| {size}^3 | {r['wall_s']:.2f} | {r['wall_min_s']:.2f} | {r['cpu_s']:.2f} | "
-              f"{r['peak_extra_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['contains']:.4f} | "
-              f"{r['hull_over_head']:.2f} |", flush=True)
+        print(
+            f"| {size}^3 | {r['wall_s']:.2f} | {r['wall_min_s']:.2f} | {r['cpu_s']:.2f} | "
+            f"{r['peak_extra_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['contains']:.4f} | "
+            f"{r['hull_over_head']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

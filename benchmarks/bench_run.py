@@ -20,6 +20,7 @@ without them the ratio is taken against the engine's brain mask alone, and the t
     .venv/bin/python benchmarks/bench_run.py --quick               # 1 repeat
     .venv/bin/python benchmarks/bench_run.py --repeats 5 --deepbet-deps /tmp/deepbet-deps --json figures.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,23 +42,28 @@ SOURCE = "S01_chris_t1_mricron.nii.gz"
 SIZE = (256, 256, 170)
 TARGET_RATIO, TARGET_GB = 2.0, 3.0
 
-DEEPBET = ("import sys\n"
-           "from deepbet import BrainExtraction\n"
-           "BrainExtraction(no_gpu=True).run(sys.argv[1], mask_path=sys.argv[2])\n")
-ENGINE_BRAIN = ("import sys\n"
-                "import numpy as np, SimpleITK as sitk\n"
-                "from MRIDeIdentifyLib.brainmask import extract_brain_mask\n"
-                "from MRIDeIdentifyLib.reader import read_volume\n"
-                "image = read_volume(sys.argv[1]).image\n"
-                "mask = sitk.GetImageFromArray(extract_brain_mask(image, 'cpu').view(np.uint8))\n"
-                "mask.CopyInformation(image)\n"
-                "sitk.WriteImage(mask, sys.argv[2], useCompression=True)\n")
+DEEPBET = (
+    "import sys\n"
+    "from deepbet import BrainExtraction\n"
+    "BrainExtraction(no_gpu=True).run(sys.argv[1], mask_path=sys.argv[2])\n"
+)
+ENGINE_BRAIN = (
+    "import sys\n"
+    "import numpy as np, SimpleITK as sitk\n"
+    "from MRIDeIdentifyLib.brainmask import extract_brain_mask\n"
+    "from MRIDeIdentifyLib.reader import read_volume\n"
+    "image = read_volume(sys.argv[1]).image\n"
+    "mask = sitk.GetImageFromArray(extract_brain_mask(image, 'cpu').view(np.uint8))\n"
+    "mask.CopyInformation(image)\n"
+    "sitk.WriteImage(mask, sys.argv[2], useCompression=True)\n"
+)
 
 
 def make_head(source: Path, target: Path) -> None:
     """``source`` resampled onto a 1 mm 256x256x170 sagittal grid centred on it, stored as int16."""
     import numpy as np
     import SimpleITK as sitk
+
     image = sitk.ReadImage(str(source))
     axes = np.asarray(image.GetDirection()).reshape(3, 3)  # columns: the source's voxel axes, R, A, S in LPS
     # Voxel axes pointing P, I and R (a right-handed frame, as a sagittal scanner series).
@@ -67,8 +73,9 @@ def make_head(source: Path, target: Path) -> None:
     reference.SetSpacing((1.0, 1.0, 1.0))
     reference.SetDirection(direction.ravel().tolist())
     reference.SetOrigin((centre - direction @ (np.asarray(SIZE, float) - 1) / 2).tolist())
-    head = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, 0.0,
-                         sitk.sitkFloat32)
+    head = sitk.Resample(
+        sitk.Cast(image, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
     sitk.WriteImage(sitk.Cast(sitk.Round(head), sitk.sitkInt16), str(target), useCompression=True)
 
 
@@ -89,8 +96,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="back-to-back repeats (default 3)")
     parser.add_argument("--methods", default="blur,remodel", help="comma-separated methods (default blur,remodel)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per process (default 2)")
-    parser.add_argument("--deepbet-deps", type=Path, metavar="DIR",
-                        help="folder holding deepbet's own dependencies (fill_voids, cc3d), added to its PYTHONPATH")
+    parser.add_argument(
+        "--deepbet-deps",
+        type=Path,
+        metavar="DIR",
+        help="folder holding deepbet's own dependencies (fill_voids, cc3d), added to its PYTHONPATH",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw figures to this JSON file")
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
@@ -109,18 +120,42 @@ def main(argv: Optional[List[str]] = None) -> int:
         head = folder / "head_256x256x170_1mm.nii.gz"
         make_head(source, head)
         if probe.exit_code == 0:
-            commands["deepbet alone"] = ([sys.executable, "-c", DEEPBET, str(head), str(folder / "deepbet.nii.gz")],
-                                         deepbet_env, None)
+            commands["deepbet alone"] = (
+                [sys.executable, "-c", DEEPBET, str(head), str(folder / "deepbet.nii.gz")],
+                deepbet_env,
+                None,
+            )
         else:
-            print(f"bench_run: deepbet's own runner cannot start ({probe.lines[-1] if probe.lines else 'no output'}); "
-                  "the ratio is taken against the engine's brain mask alone", file=sys.stderr)
-        commands["engine brain mask alone"] = ([sys.executable, "-c", ENGINE_BRAIN, str(head),
-                                                str(folder / "engine_brain.nii.gz")], None, None)
+            print(
+                f"bench_run: deepbet's own runner cannot start ({probe.lines[-1] if probe.lines else 'no output'}); "
+                "the ratio is taken against the engine's brain mask alone",
+                file=sys.stderr,
+            )
+        commands["engine brain mask alone"] = (
+            [sys.executable, "-c", ENGINE_BRAIN, str(head), str(folder / "engine_brain.nii.gz")],
+            None,
+            None,
+        )
         for method in methods:
             output = folder / f"{method}.nii.gz"
             commands[f"run --method {method}"] = (
-                [sys.executable, "-m", "MRIDeIdentifyLib", "run", str(head), str(output), "--method", method,
-                 "--device", "cpu", "--seed", "0"], None, output)
+                [
+                    sys.executable,
+                    "-m",
+                    "MRIDeIdentifyLib",
+                    "run",
+                    str(head),
+                    str(output),
+                    "--method",
+                    method,
+                    "--device",
+                    "cpu",
+                    "--seed",
+                    "0",
+                ],
+                None,
+                output,
+            )
 
         results: Dict[str, List[Fresh]] = {name: [] for name in commands}
         stages: Dict[str, List[Dict[str, float]]] = {name: [] for name in commands}
@@ -134,24 +169,39 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results[name].append(fresh)
                 if output is not None:
                     stages[name].append(json.loads(sidecar_path(output).read_text())["timings_s"])
-                print(f"bench_run:   {fresh.wall_s:.2f} s wall, {fresh.cpu_s:.2f} s CPU, {fresh.peak_rss_gb:.2f} GB",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"bench_run:   {fresh.wall_s:.2f} s wall, {fresh.cpu_s:.2f} s CPU, {fresh.peak_rss_gb:.2f} GB",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     reference = "deepbet alone" if "deepbet alone" in results else "engine brain mask alone"
     import torch
-    print(f"### Whole `run` against deepbet alone: 1 mm {'x'.join(map(str, SIZE))} head, CPU, "
-          f"{args.threads} threads per process\n")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs on the machine, "
-          f"Python {platform.python_version()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}; "
-          f"median of {repeats} back-to-back repeat(s); ratio: wall time over *{reference}* in the same repeat.\n")
+
+    print(
+        f"### Whole `run` against deepbet alone: 1 mm {'x'.join(map(str, SIZE))} head, CPU, "
+        f"{args.threads} threads per process\n"
+    )
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs on the machine, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}; "
+        f"median of {repeats} back-to-back repeat(s); ratio: wall time over *{reference}* in the same repeat.\n"
+    )
     rows = ["| command | wall s | CPU s | peak RSS GB | ratio |", "|---|---|---|---|---|"]
     figures = {}
     for name, runs in results.items():
         ratios = [r.wall_s / ref.wall_s for r, ref in zip(runs, results[reference])]
-        figures[name] = {"wall_s": [r.wall_s for r in runs], "cpu_s": [r.cpu_s for r in runs],
-                         "peak_rss_gb": [r.peak_rss_gb for r in runs], "ratio": ratios, "timings_s": stages[name]}
-        rows.append(f"| {name} | {median(figures[name]['wall_s']):.2f} | {median(figures[name]['cpu_s']):.2f} "
-                    f"| {max(figures[name]['peak_rss_gb']):.2f} | {median(ratios):.2f} |")
+        figures[name] = {
+            "wall_s": [r.wall_s for r in runs],
+            "cpu_s": [r.cpu_s for r in runs],
+            "peak_rss_gb": [r.peak_rss_gb for r in runs],
+            "ratio": ratios,
+            "timings_s": stages[name],
+        }
+        rows.append(
+            f"| {name} | {median(figures[name]['wall_s']):.2f} | {median(figures[name]['cpu_s']):.2f} "
+            f"| {max(figures[name]['peak_rss_gb']):.2f} | {median(ratios):.2f} |"
+        )
     print("\n".join(rows))
 
     runs = [name for name in results if name.startswith("run ")]
@@ -160,23 +210,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         for timings in stages[name]:
             names += [k for k in timings if k not in NOT_STAGES and k not in PIPELINE_STAGES and k not in names]
     columns = ["start-up and exit", "read", "head mask", "brain mask", *names, "composite", "write"]
-    print("\nSeconds per stage (median; from the sidecar's `timings_s`; *start-up and exit*: the process wall time "
-          "outside the command's own timing: interpreter, imports, argument and model checks)\n")
+    print(
+        "\nSeconds per stage (median; from the sidecar's `timings_s`; *start-up and exit*: the process wall time "
+        "outside the command's own timing: interpreter, imports, argument and model checks)\n"
+    )
     print("| command | " + " | ".join(columns) + " | run wall | process wall |")
     print("|---|" + "---|" * (len(columns) + 2))
     for name in runs:
         timings = stages[name]
         cells = [median([r.wall_s - t["wall"] for r, t in zip(results[name], timings)])]
-        cells += [median([t[c] for t in timings if c in t]) if any(c in t for t in timings) else None
-                  for c in columns[1:]]
-        print(f"| {name} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells)
-              + f" | {median([t['wall'] for t in timings]):.2f} | {median(figures[name]['wall_s']):.2f} |")
+        cells += [
+            median([t[c] for t in timings if c in t]) if any(c in t for t in timings) else None for c in columns[1:]
+        ]
+        print(
+            f"| {name} | "
+            + " | ".join("" if c is None else f"{c:.2f}" for c in cells)
+            + f" | {median([t['wall'] for t in timings]):.2f} | {median(figures[name]['wall_s']):.2f} |"
+        )
     print()
     for name in runs:
         ratio, rss = median(figures[name]["ratio"]), max(figures[name]["peak_rss_gb"])
         ok = ratio <= TARGET_RATIO and rss <= TARGET_GB
-        print(f"- {name}: {ratio:.2f}x {reference}, {rss:.2f} GB -> {'meets' if ok else 'MISSES'} the target "
-              f"(<= {TARGET_RATIO:g}x, <= {TARGET_GB:g} GB)")
+        print(
+            f"- {name}: {ratio:.2f}x {reference}, {rss:.2f} GB -> {'meets' if ok else 'MISSES'} the target "
+            f"(<= {TARGET_RATIO:g}x, <= {TARGET_GB:g} GB)"
+        )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0

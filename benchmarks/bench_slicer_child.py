@@ -14,6 +14,7 @@ generator, ...); the latency is from the Cancel call to the child's process gone
     python benchmarks/bench_slicer_child.py              # 3 runs each, 5 cancels
     python benchmarks/bench_slicer_child.py --quick      # 1 run each, 2 cancels
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,14 +61,31 @@ def panel_run(logic, node, method: str) -> Dict[str, float]:
     outcome = logic.finishProcess(run)
     wall = time.perf_counter() - start
     node.GetScene().RemoveNode(outcome.outputVolumeNode)
-    return {"wall": wall, "startup": outcome.startupSeconds or float("nan"),
-            "engine": float(outcome.provenance["timings_s"]["total"])}
+    return {
+        "wall": wall,
+        "startup": outcome.startupSeconds or float("nan"),
+        "engine": float(outcome.provenance["timings_s"]["total"]),
+    }
 
 
 def cli_run(head: Path, method: str, out_dir: Path) -> Dict[str, float]:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "MRIDeIdentifyLib", "run", str(head), str(out_dir / "out.nii.gz"),
-                    "--method", method, "--device", "cpu"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "MRIDeIdentifyLib",
+            "run",
+            str(head),
+            str(out_dir / "out.nii.gz"),
+            "--method",
+            method,
+            "--device",
+            "cpu",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return {"wall": time.perf_counter() - start}
 
 
@@ -132,16 +150,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     scene.close()
 
     print(f"\n### Panel (child process) vs command line: `{args.method}` on {args.head.name}\n")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads per run, "
-          f"CPU, Python {platform.python_version()}\n")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads per run, "
+        f"CPU, Python {platform.python_version()}\n"
+    )
     print("| run | panel wall s | child start-up s | engine s (sidecar total) | CLI wall s | panel / CLI |")
     print("|---|---|---|---|---|---|")
     for index, (p, c) in enumerate(zip(panel, cli)):
-        print(f"| {index + 1} | {p['wall']:.1f} | {p['startup']:.1f} | {p['engine']:.1f} | {c['wall']:.1f} | "
-              f"{p['wall'] / c['wall']:.2f} |")
+        print(
+            f"| {index + 1} | {p['wall']:.1f} | {p['startup']:.1f} | {p['engine']:.1f} | {c['wall']:.1f} | "
+            f"{p['wall'] / c['wall']:.2f} |"
+        )
     ratio = statistics.median(p["wall"] for p in panel) / statistics.median(c["wall"] for c in cli)
-    print(f"\nMedian panel / CLI: **{ratio:.2f}**; median child start-up (spawn to engine imported): "
-          f"{statistics.median(p['startup'] for p in panel):.1f} s.\n")
+    print(
+        f"\nMedian panel / CLI: **{ratio:.2f}**; median child start-up (spawn to engine imported): "
+        f"{statistics.median(p['startup'] for p in panel):.1f} s.\n"
+    )
     print("| cancel | during | latency s (Cancel to process gone) |")
     print("|---|---|---|")
     for index, cancel in enumerate(cancels):

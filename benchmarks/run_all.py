@@ -6,6 +6,7 @@ benchmark exited 0, else 1 (the others still run).
 
     .venv/bin/python benchmarks/run_all.py [--quick] [--only NAME[,NAME...]]
 """
+
 from __future__ import annotations
 
 import argparse

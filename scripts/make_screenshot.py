@@ -13,6 +13,7 @@ offscreen through Slicer's displayable managers: ``before.png`` (left view), ``a
 from the .ui (PySide6; Slicer's own widgets are STAND-INS there, see slicer_scene.load_panel), filled with that
 run's state. The committed pictures use an average head (a template, nobody's face).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def run_like_the_panel(logic, node, method: str, device: str):
     return logic.finishProcess(run)
 
 
-def render_before_after(head: Path, out_dir: Path, method: str | None = None, size: int = 480,
-                        device: str = "cpu") -> Tuple[Dict[str, Path], Dict[str, str]]:
+def render_before_after(
+    head: Path, out_dir: Path, method: str | None = None, size: int = 480, device: str = "cpu"
+) -> Tuple[Dict[str, Path], Dict[str, str]]:
     """De-identify ``head`` the panel's way and render both 3-D views; returns the PNG paths by name and what the
     panel would show after that run (node names, status line)."""
     from PIL import Image, ImageDraw
@@ -65,8 +67,12 @@ def render_before_after(head: Path, out_dir: Path, method: str | None = None, si
         outcome = run_like_the_panel(logic, node, method, device)
         status = f"Done in {outcome.seconds:.1f} s on {outcome.device} ({outcome.method})."
         print(f"{head.name}: {status}")
-        state = {"input": node.GetName(), "output": outcome.outputVolumeNode.GetName(), "status": status,
-                 "method": outcome.method}
+        state = {
+            "input": node.GetName(),
+            "output": outcome.outputVolumeNode.GetName(),
+            "status": status,
+            "method": outcome.method,
+        }
         left, right = logic.showBeforeAfter(node, outcome.outputVolumeNode)
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = {"before": out_dir / "before.png", "after": out_dir / "after.png"}
@@ -100,9 +106,31 @@ def draw_icon(path: Path = ICON, size: int = 128) -> Path:
         return [(x * s, y * s) for x, y in points]
 
     # Profile facing right: cranium, forehead, nose, lips, chin, jaw, neck.
-    head = pts([(0.18, 0.50), (0.16, 0.36), (0.22, 0.22), (0.34, 0.12), (0.50, 0.08), (0.64, 0.11), (0.75, 0.19),
-                (0.80, 0.30), (0.81, 0.40), (0.88, 0.50), (0.83, 0.53), (0.84, 0.60), (0.81, 0.63), (0.83, 0.68),
-                (0.80, 0.75), (0.70, 0.80), (0.60, 0.80), (0.58, 0.95), (0.30, 0.95), (0.30, 0.80), (0.22, 0.68)])
+    head = pts(
+        [
+            (0.18, 0.50),
+            (0.16, 0.36),
+            (0.22, 0.22),
+            (0.34, 0.12),
+            (0.50, 0.08),
+            (0.64, 0.11),
+            (0.75, 0.19),
+            (0.80, 0.30),
+            (0.81, 0.40),
+            (0.88, 0.50),
+            (0.83, 0.53),
+            (0.84, 0.60),
+            (0.81, 0.63),
+            (0.83, 0.68),
+            (0.80, 0.75),
+            (0.70, 0.80),
+            (0.60, 0.80),
+            (0.58, 0.95),
+            (0.30, 0.95),
+            (0.30, 0.80),
+            (0.22, 0.68),
+        ]
+    )
     draw.polygon(head, fill=(224, 190, 160, 255), outline=(90, 60, 40, 255), width=3 * scale)
 
     # The remodeled region: everything in front of the brain, drawn as a seeded mosaic of skin tones.
@@ -113,7 +141,9 @@ def draw_icon(path: Path = ICON, size: int = 128) -> Path:
     for y in range(0, s, cell):
         for x in range(0, s, cell):
             tone = int(rng.integers(150, 235))
-            mosaic_draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(tone, int(tone * 0.78), int(tone * 0.62), 255))
+            mosaic_draw.rectangle(
+                [x, y, x + cell - 1, y + cell - 1], fill=(tone, int(tone * 0.78), int(tone * 0.62), 255)
+            )
     face_region = Image.new("L", (s, s), 0)
     ImageDraw.Draw(face_region).polygon(head, fill=255)
     ImageDraw.Draw(face_region).rectangle([0, 0, int(0.62 * s), s], fill=0)
@@ -129,16 +159,20 @@ def draw_icon(path: Path = ICON, size: int = 128) -> Path:
     for curve in (central, lateral):
         draw.line(pts(curve), fill=(140, 50, 70, 255), width=2 * scale, joint="curve")
     # The boundary that is never crossed: the brain margin.
-    draw.ellipse([brain_box[0] - 3 * scale, brain_box[1] - 3 * scale, brain_box[2] + 3 * scale,
-                  brain_box[3] + 3 * scale], outline=(40, 110, 200, 255), width=2 * scale)
+    draw.ellipse(
+        [brain_box[0] - 3 * scale, brain_box[1] - 3 * scale, brain_box[2] + 3 * scale, brain_box[3] + 3 * scale],
+        outline=(40, 110, 200, 255),
+        width=2 * scale,
+    )
     icon = icon.filter(ImageFilter.SMOOTH).resize((size, size), Image.LANCZOS)
     path.parent.mkdir(parents=True, exist_ok=True)
     icon.save(path)
     return path
 
 
-def draw_panel(path: Path = PANEL, head: Path = AVERAGE_HEAD, out_dir: Path = REPO / "out" / "slicer-panel",
-               view_size: int = 480) -> Path:
+def draw_panel(
+    path: Path = PANEL, head: Path = AVERAGE_HEAD, out_dir: Path = REPO / "out" / "slicer-panel", view_size: int = 480
+) -> Path:
     """The module as a user sees it after a run: the panel (the .ui laid out by Qt, its lists filled as the Widget's
     setup() fills them, the selectors and the status line as they are after the run, every section expanded) beside
     the dual 3-D layout rendered through Slicer's displayable managers."""
@@ -173,8 +207,11 @@ def draw_panel(path: Path = PANEL, head: Path = AVERAGE_HEAD, out_dir: Path = RE
     panel_png = out_dir / "panel_only.png"
     panel.grab().save(str(panel_png))
 
-    with Image.open(panel_png) as panel_image, Image.open(views["before"]) as before, \
-            Image.open(views["after"]) as after:
+    with (
+        Image.open(panel_png) as panel_image,
+        Image.open(views["before"]) as before,
+        Image.open(views["after"]) as after,
+    ):
         height = max(panel_image.height, view_size)
         sheet = Image.new("RGB", (panel_image.width + 2 * view_size + 4, height), (40, 40, 40))
         sheet.paste(panel_image.convert("RGB"), (0, 0))
@@ -194,8 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=480, help="pixels per view")
     parser.add_argument("--docs", action="store_true", help="write docs/screenshot-before-after.png (average head)")
     parser.add_argument("--icon", action="store_true", help="draw the module icon")
-    parser.add_argument("--panel", action="store_true",
-                        help="docs/panel.png: the panel (the .ui in PySide6) beside both 3-D views (average head)")
+    parser.add_argument(
+        "--panel",
+        action="store_true",
+        help="docs/panel.png: the panel (the .ui in PySide6) beside both 3-D views (average head)",
+    )
     args = parser.parse_args(argv)
     if args.panel:
         print(draw_panel())

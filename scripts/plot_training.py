@@ -6,6 +6,7 @@ Top: the R-LSGAN losses of the discriminator and the generator (0.5 = the critic
 fake), when the run was adversarial. Bottom: the L1 between the blended fake and the real head (mean over
 the scales). x: training step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ def main() -> None:
     steps = [h["step"] for h in history]
     size = state["model_config"]["size"]
     adversarial = all("loss_d" in h for h in history)
-    figure, axes = plt.subplots(2 if adversarial else 1, 1, figsize=(8, 6 if adversarial else 3.5), sharex=True,
-                                squeeze=False)
+    figure, axes = plt.subplots(
+        2 if adversarial else 1, 1, figsize=(8, 6 if adversarial else 3.5), sharex=True, squeeze=False
+    )
     bottom = axes[-1, 0]
     if adversarial:
         top = axes[0, 0]

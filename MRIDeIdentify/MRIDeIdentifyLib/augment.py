@@ -4,6 +4,7 @@ Volumes are KJI cubes (S, S, S) of the model grid (axis 2 = right->left) in norm
 background is 0 and the brain's 99th percentile 1. gamma is not augmented: the trainer recomputes it on the
 augmented head, as inference computes it on each input. The face-prior skin fitted to the head moves with it.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,18 +16,19 @@ import torch.nn.functional as F
 # Moderate on purpose: the model grid already centres and orients every head, so the model only needs to
 # tolerate the residual pose and shape differences between people and scanners.
 MAX_ROTATION_DEG = 12.0
-MAX_SCALE = 0.10          # per axis, so heads get longer, wider and rounder
+MAX_SCALE = 0.10  # per axis, so heads get longer, wider and rounder
 MAX_SHEAR = 0.05
-MAX_SHIFT = 0.05          # fraction of the half field of view
-BIAS_STRENGTH = 0.25      # log-amplitude of the smooth multiplicative bias field
+MAX_SHIFT = 0.05  # fraction of the half field of view
+BIAS_STRENGTH = 0.25  # log-amplitude of the smooth multiplicative bias field
 MAX_LOG_GAMMA = 0.3
 MAX_NOISE = 0.03
 THICK_SLICE_PROBABILITY = 0.3
 MAX_THICK_FACTOR = 3.0
 
 
-def augment(volume: torch.Tensor, brain: torch.Tensor, skin: torch.Tensor,
-            generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def augment(
+    volume: torch.Tensor, brain: torch.Tensor, skin: torch.Tensor, generator: torch.Generator
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A randomly transformed copy of a head: (volume float32 (S, S, S), brain bool (S, S, S), skin float32
     (S, S, S), the face-prior skin's signed distance in mm); inputs untouched.
 
@@ -34,6 +36,7 @@ def augment(volume: torch.Tensor, brain: torch.Tensor, skin: torch.Tensor,
     and the skin distance, trilinear, and to the brain mask, trilinear then >= 0.5). Intensity: thick slices
     along a random axis, a smooth bias field, a gamma curve, Gaussian noise. All draws come from ``generator``.
     """
+
     def uniform(low: float, high: float) -> float:
         return low + (high - low) * float(torch.rand((), generator=generator))
 
@@ -63,8 +66,9 @@ def augment(volume: torch.Tensor, brain: torch.Tensor, skin: torch.Tensor,
         axis = int(torch.randint(3, (1,), generator=generator))
         thin = [size] * 3
         thin[axis] = max(2, int(round(size / uniform(1.5, MAX_THICK_FACTOR))))
-        x = F.interpolate(F.interpolate(x, size=thin, mode="area"), size=[size] * 3, mode="trilinear",
-                          align_corners=False)
+        x = F.interpolate(
+            F.interpolate(x, size=thin, mode="area"), size=[size] * 3, mode="trilinear", align_corners=False
+        )
     coarse = torch.randn((1, 1, 4, 4, 4), generator=generator) * BIAS_STRENGTH
     x = x * torch.exp(F.interpolate(coarse, size=[size] * 3, mode="trilinear", align_corners=True))
     power = math.exp(uniform(-MAX_LOG_GAMMA, MAX_LOG_GAMMA))

@@ -9,6 +9,7 @@ each scan is staged beside its destination and renamed into place with its sidec
 whose output exists is skipped, whoever wrote it; ``dataset_description.json`` is created once, atomically,
 and a later process checks that it describes the same method and settings instead of rewriting it.
 """
+
 from __future__ import annotations
 
 import json
@@ -89,7 +90,7 @@ def available_memory_gb() -> Optional[float]:
     """Memory this process may still take, in GB: the OS's ``MemAvailable`` (Linux), or less where the process's
     cgroup (a SLURM allocation, a container) has a lower limit; None where unknown."""
     limits = [v for v in (_meminfo_available(), _cgroup_room()) if v is not None]
-    return min(limits) / 1024 ** 3 if limits else None
+    return min(limits) / 1024**3 if limits else None
 
 
 def _meminfo_available() -> Optional[int]:
@@ -126,7 +127,7 @@ def _cgroup_room() -> Optional[int]:
             limit = int((folder / limit_file).read_text())
             if limit < _NO_LIMIT:
                 return limit - int((folder / usage_file).read_text())
-        except (OSError, ValueError):   # "max" (v2's no limit), or the file is not visible from here
+        except (OSError, ValueError):  # "max" (v2's no limit), or the file is not visible from here
             pass
     return None
 
@@ -145,9 +146,12 @@ def dataset_description(settings: Settings) -> Dict[str, Any]:
     """The derivatives' ``dataset_description.json``: the same for every process of one batch (no dates, no
     paths), with the tool version and the method and settings in ``GeneratedBy`` (provenance)."""
     from .methods import get_method
+
     method = get_method(settings.method)
-    how = f"method {method.name} ({method.summary}); brain mask dilated by {settings.margin_mm:g} mm and copied " \
-          f"bit for bit; seed {settings.seed}"
+    how = (
+        f"method {method.name} ({method.summary}); brain mask dilated by {settings.margin_mm:g} mm and copied "
+        f"bit for bit; seed {settings.seed}"
+    )
     if method.name == "remodel":
         model = settings.model.name if settings.model is not None else "default weights"
         how += f"; model {model}, {settings.rotations} rotations, {settings.facets} facets"
@@ -155,8 +159,14 @@ def dataset_description(settings: Settings) -> Dict[str, Any]:
         "Name": "MRIDeIdentify de-identified derivatives",
         "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "MRIDeIdentify", "Version": __version__, "Description": how,
-                         "CodeURL": "https://github.com/mrideidentify/SlicerMRIDeIdentify"}],
+        "GeneratedBy": [
+            {
+                "Name": "MRIDeIdentify",
+                "Version": __version__,
+                "Description": how,
+                "CodeURL": "https://github.com/mrideidentify/SlicerMRIDeIdentify",
+            }
+        ],
     }
 
 
@@ -180,8 +190,10 @@ def write_dataset_description(output: Path, settings: Settings) -> None:
     existing = _read_json(target)
     if existing.get("GeneratedBy") != json.loads(text)["GeneratedBy"]:
         found = (existing.get("GeneratedBy") or [{}])[0]
-        raise InputError(f"{output}: these derivatives were made by {found.get('Name')} {found.get('Version')} "
-                         f"({found.get('Description')}); write this batch into another folder")
+        raise InputError(
+            f"{output}: these derivatives were made by {found.get('Name')} {found.get('Version')} "
+            f"({found.get('Description')}); write this batch into another folder"
+        )
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -191,8 +203,14 @@ def _read_json(path: Path) -> Dict[str, Any]:
         raise InputError(f"{path}: cannot be read as JSON ({error})") from None
 
 
-def plan(root: Path, output: Path, participants: Sequence[str] = (), sessions: Sequence[str] = (),
-         shard: Optional[str] = None, qa: Optional[Path] = None) -> Tuple[List[Task], bool, Dict[str, int]]:
+def plan(
+    root: Path,
+    output: Path,
+    participants: Sequence[str] = (),
+    sessions: Sequence[str] = (),
+    shard: Optional[str] = None,
+    qa: Optional[Path] = None,
+) -> Tuple[List[Task], bool, Dict[str, int]]:
     """The tasks of one batch (this shard's only), whether the input is BIDS, and the skipped BIDS images by
     suffix. Output paths depend on the whole dataset, never on the shard, so shards agree on them."""
     found = inventory(root, participants, sessions)
@@ -209,16 +227,26 @@ def plan(root: Path, output: Path, participants: Sequence[str] = (), sessions: S
     return tasks, found.bids, found.skipped
 
 
-def run_batch(root: Path, output: Path, settings: Settings, *, qa: Optional[Path] = None,
-              shard: Optional[str] = None, jobs: Optional[int] = 1, participants: Sequence[str] = (),
-              sessions: Sequence[str] = ()) -> int:
+def run_batch(
+    root: Path,
+    output: Path,
+    settings: Settings,
+    *,
+    qa: Optional[Path] = None,
+    shard: Optional[str] = None,
+    jobs: Optional[int] = 1,
+    participants: Sequence[str] = (),
+    sessions: Sequence[str] = (),
+) -> int:
     """The ``batch`` command. ``jobs``: worker processes (None = auto). Exit 0 when every scan succeeded or was
     already done; 1 when any failed; 130 when interrupted (Ctrl-C, SIGTERM); InputError (exit 2) before any
     work for unusable arguments."""
     tasks, bids, skipped_images = plan(root, output, participants, sessions, shard, qa)
     if not tasks:
-        raise InputError(f"{root}: no scans found (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM folders"
-                         f"{'; BIDS: sub-*/[ses-*/]anat/*_T1w.*' if bids else ''})")
+        raise InputError(
+            f"{root}: no scans found (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM folders"
+            f"{'; BIDS: sub-*/[ses-*/]anat/*_T1w.*' if bids else ''})"
+        )
     if output.resolve() == root.resolve() or root.resolve() in output.resolve().parents:
         raise InputError(f"{output}: the output folder may not be the input folder or inside it")
     # A bad method or model would fail every scan alike: say so once, before writing anything.
@@ -231,8 +259,9 @@ def run_batch(root: Path, output: Path, settings: Settings, *, qa: Optional[Path
 
     counts = {"done": 0, "skipped": len(tasks) - len(pending), "failed": 0}
     failures: List[Tuple[str, str]] = []
-    bar = tqdm(total=len(tasks), initial=counts["skipped"], desc="de-identifying", unit="scan", file=sys.stderr,
-               disable=None)
+    bar = tqdm(
+        total=len(tasks), initial=counts["skipped"], desc="de-identifying", unit="scan", file=sys.stderr, disable=None
+    )
     interrupted = False
     try:
         with _sigterm_interrupts():
@@ -246,8 +275,10 @@ def run_batch(root: Path, output: Path, settings: Settings, *, qa: Optional[Path
     except KeyboardInterrupt:
         interrupted = True
     bar.close()
-    line = f"{PROG}: batch: {counts['done']} de-identified, {counts['skipped']} already done, " \
-           f"{counts['failed']} failed (of {len(tasks)} scans)"
+    line = (
+        f"{PROG}: batch: {counts['done']} de-identified, {counts['skipped']} already done, "
+        f"{counts['failed']} failed (of {len(tasks)} scans)"
+    )
     if interrupted:
         line += "; interrupted: the scans in progress left nothing, a rerun finishes the rest"
     if workers > 1:
@@ -260,20 +291,28 @@ def run_batch(root: Path, output: Path, settings: Settings, *, qa: Optional[Path
     return 130 if interrupted else 1 if failures else 0
 
 
-def _results(tasks: List[Task], settings: Settings, dicom_run: Optional[DicomRun],
-             workers: int) -> Iterator[Tuple[Task, str, str]]:
+def _results(
+    tasks: List[Task], settings: Settings, dicom_run: Optional[DicomRun], workers: int
+) -> Iterator[Tuple[Task, str, str]]:
     """(task, "done" | "skipped" | "failed", reason) for every task, in the order they finish."""
     if workers <= 1:
         for task in tasks:
             yield task, *process(task, settings, dicom_run)
         return
     import multiprocessing
+
     threads = max(1, thread_budget() // workers)
     # spawn, not fork: a forked child inherits the parent's torch/OpenMP thread pools mid-state. The workers
     # start during the submissions below, with these variables, so numpy's BLAS and ITK take their share too.
-    with _environment(**{name: str(threads) for name in _THREAD_VARIABLES}), \
-            ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                                initargs=(settings, dicom_run, threads)) as pool:
+    with (
+        _environment(**{name: str(threads) for name in _THREAD_VARIABLES}),
+        ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(settings, dicom_run, threads),
+        ) as pool,
+    ):
         futures = {pool.submit(_work, task): task for task in tasks}
         try:
             for future in as_completed(futures):
@@ -293,8 +332,14 @@ def process(task: Task, settings: Settings, dicom_run: Optional[DicomRun]) -> Tu
     if task.target.exists():
         return "skipped", ""
     try:
-        run_one(task.scan.path, task.target, settings.replace(series=task.scan.series), quiet=True,
-                qa_dir=task.qa, dicom_run=dicom_run)
+        run_one(
+            task.scan.path,
+            task.target,
+            settings.replace(series=task.scan.series),
+            quiet=True,
+            qa_dir=task.qa,
+            dicom_run=dicom_run,
+        )
         return "done", ""
     except InputError as error:
         return "failed", str(error)
@@ -302,8 +347,12 @@ def process(task: Task, settings: Settings, dicom_run: Optional[DicomRun]) -> Tu
         return "failed", f"internal error: {type(error).__name__}: {error}"
 
 
-_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                     "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS")
+_THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS",
+)
 
 
 @contextmanager
@@ -347,6 +396,7 @@ def _start_worker(settings: Settings, dicom_run: Optional[DicomRun], threads: in
     """Give the worker its share of the CPU threads and load its models once, before its first scan."""
     import SimpleITK as sitk
     import torch
+
     signal.signal(signal.SIGTERM, _interrupt)
     torch.set_num_threads(threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)

@@ -3,6 +3,7 @@
 The dilated mask is the region the composite copies bit for bit from the input, so it errs on the side of
 keeping too much: the margin (mm) covers the brain extractor's boundary uncertainty.
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,9 @@ _WORK_SPACING_MM = 1.0
 def _deepbet_models(device: str):
     spec = importlib.util.find_spec("deepbet")
     if spec is None or spec.origin is None:
-        raise InputError("the brain extractor deepbet is not installed: run `pip install --no-deps deepbet` "
-                         "(or pass --brain-mask)")
+        raise InputError(
+            "the brain extractor deepbet is not installed: run `pip install --no-deps deepbet` (or pass --brain-mask)"
+        )
     # deepbet's wheel installs its TorchScript weights in a data/ folder beside the package.
     models = Path(spec.origin).resolve().parents[1] / "data" / "models"
     load = functools.partial(torch.jit.load, map_location=device)
@@ -45,8 +47,9 @@ def extract_brain_mask(image: sitk.Image, device: torch.device | str = "cpu") ->
     probability, box = _deepbet_probability(torch.from_numpy(_ras_array(work)).to(device), device)
     mask = _box_to_native(probability.cpu().numpy(), box, work, image) > 0.5
     if not mask.any():
-        raise InputError("no brain found in the input (the brain extractor returned an empty mask); "
-                         "pass a mask with --brain-mask")
+        raise InputError(
+            "no brain found in the input (the brain extractor returned an empty mask); pass a mask with --brain-mask"
+        )
     return fill_holes(largest_component(mask))
 
 
@@ -71,8 +74,7 @@ def _deepbet_probability(x: torch.Tensor, device: torch.device) -> Tuple[torch.T
     return F.interpolate(fine[None, None], shape, mode="trilinear", align_corners=False)[0, 0], box
 
 
-def _box_to_native(probability: np.ndarray, box: Tuple[slice, ...], work: sitk.Image,
-                   image: sitk.Image) -> np.ndarray:
+def _box_to_native(probability: np.ndarray, box: Tuple[slice, ...], work: sitk.Image, image: sitk.Image) -> np.ndarray:
     """The work grid's probability (``probability`` inside ``box``, 0 elsewhere) linearly resampled onto
     ``image``'s grid (KJI float32), resampling only the native voxels that can see the box.
 
@@ -90,10 +92,16 @@ def _box_to_native(probability: np.ndarray, box: Tuple[slice, ...], work: sitk.I
     region.SetDirection(work.GetDirection())
     region.SetOrigin(work.TransformIndexToPhysicalPoint([int(a) for a in start]))
     # Native continuous indices of the ringed region's corners bound every native voxel that can see it.
-    corners = np.array([image.TransformPhysicalPointToContinuousIndex(
-        region.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k))))
-        for i in (-0.5, ringed.shape[0] - 0.5) for j in (-0.5, ringed.shape[1] - 0.5)
-        for k in (-0.5, ringed.shape[2] - 0.5)])
+    corners = np.array(
+        [
+            image.TransformPhysicalPointToContinuousIndex(
+                region.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k)))
+            )
+            for i in (-0.5, ringed.shape[0] - 0.5)
+            for j in (-0.5, ringed.shape[1] - 0.5)
+            for k in (-0.5, ringed.shape[2] - 0.5)
+        ]
+    )
     low = np.maximum(np.floor(corners.min(axis=0)).astype(int), 0)
     high = np.minimum(np.ceil(corners.max(axis=0)).astype(int) + 1, image.GetSize())
     native = np.zeros(image.GetSize()[::-1], np.float32)
@@ -104,7 +112,7 @@ def _box_to_native(probability: np.ndarray, box: Tuple[slice, ...], work: sitk.I
     grid.SetDirection(image.GetDirection())
     grid.SetOrigin(image.TransformIndexToPhysicalPoint([int(a) for a in low]))
     resampled = sitk.Resample(region, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    native[low[2]:high[2], low[1]:high[1], low[0]:high[0]] = sitk.GetArrayViewFromImage(resampled)
+    native[low[2] : high[2], low[1] : high[1], low[0] : high[0]] = sitk.GetArrayViewFromImage(resampled)
     return native
 
 
@@ -133,10 +141,14 @@ def _bounding_box(coarse: torch.Tensor, shape, margin: float = 0.1):
 
 def _ras_work_image(image: sitk.Image) -> sitk.Image:
     """``image`` resampled onto a 1 mm grid with RAS voxel axes covering the same physical box."""
-    corners = np.array([image.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k)))
-                        for i in (-0.5, image.GetSize()[0] - 0.5)
-                        for j in (-0.5, image.GetSize()[1] - 0.5)
-                        for k in (-0.5, image.GetSize()[2] - 0.5)])
+    corners = np.array(
+        [
+            image.TransformContinuousIndexToPhysicalPoint((float(i), float(j), float(k)))
+            for i in (-0.5, image.GetSize()[0] - 0.5)
+            for j in (-0.5, image.GetSize()[1] - 0.5)
+            for k in (-0.5, image.GetSize()[2] - 0.5)
+        ]
+    )
     low, high = corners.min(axis=0), corners.max(axis=0)
     size = [max(1, int(np.ceil((h - lo) / _WORK_SPACING_MM))) for lo, h in zip(low, high)]
     # LPS identity direction flipped on x and y gives voxel axes pointing R, A, S.
@@ -146,8 +158,9 @@ def _ras_work_image(image: sitk.Image) -> sitk.Image:
     ref.SetSpacing([_WORK_SPACING_MM] * 3)
     ref.SetDirection(direction)
     ref.SetOrigin(origin)
-    return sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, 0.0,
-                         sitk.sitkFloat32)
+    return sitk.Resample(
+        sitk.Cast(image, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    )
 
 
 def _ras_array(work: sitk.Image) -> np.ndarray:
@@ -173,8 +186,12 @@ def load_user_mask(mask_image: sitk.Image, reference: sitk.Image, head: np.ndarr
         grid = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
         grid.CopyInformation(reference)
         binary = sitk.Cast(mask_image != 0, sitk.sitkUInt8)
-        mask = sitk.GetArrayFromImage(sitk.Resample(binary, grid, sitk.Transform(), sitk.sitkNearestNeighbor,
-                                                    0, sitk.sitkUInt8)) != 0
+        mask = (
+            sitk.GetArrayFromImage(
+                sitk.Resample(binary, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+            )
+            != 0
+        )
     if not mask.any():
         raise InputError("the brain mask does not overlap the input's field of view")
     if head is not None and not (mask & head).any():
@@ -184,10 +201,12 @@ def load_user_mask(mask_image: sitk.Image, reference: sitk.Image, head: np.ndarr
 
 def same_grid(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool:
     """True when two images share size, spacing, origin and direction (within ``tolerance`` mm)."""
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tolerance)
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance)
+    )
 
 
 def dilate_mm(mask: np.ndarray, spacing_kji, margin_mm: float) -> np.ndarray:

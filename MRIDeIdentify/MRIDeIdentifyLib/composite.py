@@ -5,6 +5,7 @@ input's stored voxels are copied bit for bit (same dtype, no rescaling); outside
 rounded and clipped into the input's dtype and range; outside the method's head an air background drawn
 from the input's own background voxels, so the noise floor looks like the scanner's.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,9 @@ from .reader import image_like
 _BACKGROUND_GAP_VOXELS = 3
 
 
-def composite(image: sitk.Image, brain: np.ndarray, head: np.ndarray, output: MethodOutput,
-              threshold: float, seed: int = 0) -> sitk.Image:
+def composite(
+    image: sitk.Image, brain: np.ndarray, head: np.ndarray, output: MethodOutput, threshold: float, seed: int = 0
+) -> sitk.Image:
     """The de-identified image: ``image``'s grid, pixel type and metadata-free header.
 
     ``brain`` (bool KJI) is the region copied exactly; ``head`` (bool KJI) and ``threshold`` (the head
@@ -36,8 +38,7 @@ def composite(image: sitk.Image, brain: np.ndarray, head: np.ndarray, output: Me
     return image_like(result, image)
 
 
-def _background_sample(original: np.ndarray, head: np.ndarray, threshold: float, count: int,
-                       seed: int) -> np.ndarray:
+def _background_sample(original: np.ndarray, head: np.ndarray, threshold: float, count: int, seed: int) -> np.ndarray:
     """``count`` values drawn at random from the input's background: its noise level without its structure.
 
     Only voxels below the head threshold count as air: ghosts and stray tissue bits outside the head mask

@@ -3,6 +3,7 @@
 The scan is the average head shipped in the PyPI ``pydeface`` wheel (MIT): a whole head with face and neck
 that identifies no one, so the repository may use it anywhere. It is read from the installed package.
 """
+
 from __future__ import annotations
 
 import sys
@@ -15,6 +16,7 @@ from .settings import Settings
 
 def demo_scan() -> Path:
     from .template import HEAD_FILE, template_dir
+
     return template_dir() / HEAD_FILE
 
 
@@ -25,9 +27,17 @@ def run_demo(out: Path, settings: Settings) -> int:
         method = "blur"
         print(f"{PROG}: the learned 'remodel' is not installed; demonstrating the 'blur' control", file=sys.stderr)
     output = out / "demo_deidentified.nii.gz"
-    record = run_one(demo_scan(), output, settings.replace(method=method),
-                     save_brain_mask=out / "demo_brain_mask.nii.gz", save_face_mask=out / "demo_face_mask.nii.gz",
-                     qa_dir=out / "qa")
-    print(f"{PROG}: demo: {method} on the pydeface average head in {record['timings_s']['wall']:.1f} s; "
-          f"wrote {output}, {out / 'qa'} (before/after renders)", file=sys.stderr)
+    record = run_one(
+        demo_scan(),
+        output,
+        settings.replace(method=method),
+        save_brain_mask=out / "demo_brain_mask.nii.gz",
+        save_face_mask=out / "demo_face_mask.nii.gz",
+        qa_dir=out / "qa",
+    )
+    print(
+        f"{PROG}: demo: {method} on the pydeface average head in {record['timings_s']['wall']:.1f} s; "
+        f"wrote {output}, {out / 'qa'} (before/after renders)",
+        file=sys.stderr,
+    )
     return 0

@@ -3,6 +3,7 @@ one resolver that turns a choice into a ``torch.device``.
 
 Importing this module does not import torch: the Slicer panel lists the choices before torch is installed.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict
@@ -14,8 +15,12 @@ if TYPE_CHECKING:
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 # What a panel shows for each choice, in the order of DEVICE_CHOICES.
-DEVICE_LABELS: Dict[str, str] = {"auto": "Auto (CUDA GPU if available)", "cpu": "CPU", "cuda": "GPU (CUDA)",
-                                 "mps": "GPU (Apple MPS)"}
+DEVICE_LABELS: Dict[str, str] = {
+    "auto": "Auto (CUDA GPU if available)",
+    "cpu": "CPU",
+    "cuda": "GPU (CUDA)",
+    "mps": "GPU (Apple MPS)",
+}
 DEVICE_HELP = "torch device: auto (CUDA when available, else CPU), cpu, cuda or mps (default auto)"
 
 

@@ -1,5 +1,6 @@
 """The error contract: exceptions that the command line and the Slicer panel turn into messages, and the
 argument parser every subcommand uses so that bad usage reads like bad input (one line, exit 2)."""
+
 import argparse
 import re
 from pathlib import Path
@@ -28,9 +29,11 @@ class OneLineParser(argparse.ArgumentParser):
 
 # ITK's messages start with where in ITK's source they were raised ("WARNING: In /build/.../x.cxx, line 12",
 # "ITK ERROR: NiftiImageIO(0x55d2...): "): the user needs only what follows.
-_ITK_SOURCE = re.compile(r"(?:ITK ERROR|WARNING|ERROR): In \S+, line \d+|\S+\.[ch]xx(?::\d+)?:?|"
-                         r"[A-Za-z]+ ?\(0x[0-9a-fA-F]+\):|ITK ERROR:|Exception thrown in SimpleITK \w+:|"
-                         r"Description:|sitk::ERROR:|\n")
+_ITK_SOURCE = re.compile(
+    r"(?:ITK ERROR|WARNING|ERROR): In \S+, line \d+|\S+\.[ch]xx(?::\d+)?:?|"
+    r"[A-Za-z]+ ?\(0x[0-9a-fA-F]+\):|ITK ERROR:|Exception thrown in SimpleITK \w+:|"
+    r"Description:|sitk::ERROR:|\n"
+)
 
 
 def itk_reason(error: Union[BaseException, str], path: Path) -> str:

@@ -20,6 +20,7 @@ axes in millimetres (the ICT mesh's x = left, y = up, z = forward in cm become L
 - ``reference`` (R, R, R) uint8 with ``reference_origin`` and ``reference_spacing`` (prior frame): an average head's
   convex hull (1) and brain (2), so that a scan's gamma can be registered to the prior frame (placement.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -87,8 +88,9 @@ def similarity_align(points: np.ndarray, target: np.ndarray, weights: Optional[n
     return scale * np.asarray(points, np.float64) @ rotation.T + translation
 
 
-def similarity_fit(source: np.ndarray, target: np.ndarray,
-                   weights: Optional[np.ndarray] = None) -> Tuple[float, np.ndarray, np.ndarray]:
+def similarity_fit(
+    source: np.ndarray, target: np.ndarray, weights: Optional[np.ndarray] = None
+) -> Tuple[float, np.ndarray, np.ndarray]:
     """(scale, rotation (3, 3), translation (3,)) minimising sum w |s R source + t - target|^2 (Umeyama 1991)."""
     source = np.asarray(source, np.float64)
     target = np.asarray(target, np.float64)
@@ -102,7 +104,7 @@ def similarity_fit(source: np.ndarray, target: np.ndarray,
     if np.linalg.det(u) * np.linalg.det(vt) < 0:
         flip[-1] = -1.0
     rotation = u @ np.diag(flip) @ vt
-    variance = float((w * (a ** 2).sum(1)).sum())
+    variance = float((w * (a**2).sum(1)).sum())
     scale = float((singular * flip).sum() / variance) if variance > 0 else 1.0
     return scale, rotation, mu_t - scale * rotation @ mu_s
 
@@ -136,10 +138,20 @@ def _load(path: str, stamp: Optional[Tuple[int, int]]) -> FacePrior:
         raise InputError(f"face prior {file.name} does not match the sha256 in {card_path.name}")
     arrays = load_file(str(file))
     return FacePrior(
-        mean=arrays["mean"].astype(np.float64), modes=arrays["modes"].astype(np.float64),
-        triangles=arrays["triangles"].astype(np.int64), eyes=arrays["eyes"].astype(np.int64),
-        eye_radius_mm=float(card["eye_radius_mm"]), face_weight=arrays["face_weight"].astype(np.float64),
-        landmarks=arrays["landmarks"].astype(np.int64), reference=arrays["reference"],
-        reference_origin=(float(card["reference_origin"][0]), float(card["reference_origin"][1]),
-                          float(card["reference_origin"][2])),
-        reference_spacing=float(card["reference_spacing"]), sha256=sha256, card=card)
+        mean=arrays["mean"].astype(np.float64),
+        modes=arrays["modes"].astype(np.float64),
+        triangles=arrays["triangles"].astype(np.int64),
+        eyes=arrays["eyes"].astype(np.int64),
+        eye_radius_mm=float(card["eye_radius_mm"]),
+        face_weight=arrays["face_weight"].astype(np.float64),
+        landmarks=arrays["landmarks"].astype(np.int64),
+        reference=arrays["reference"],
+        reference_origin=(
+            float(card["reference_origin"][0]),
+            float(card["reference_origin"][1]),
+            float(card["reference_origin"][2]),
+        ),
+        reference_spacing=float(card["reference_spacing"]),
+        sha256=sha256,
+        card=card,
+    )

@@ -1,5 +1,6 @@
 """Head threshold and head mask: where the scan holds tissue rather than air; the binary-mask steps they share
 with the brain mask and the composite (largest component, hole filling, 6-connected erosion and dilation)."""
+
 from __future__ import annotations
 
 from typing import Tuple

@@ -14,6 +14,7 @@ privacy.privacy_transform returns them, and our addition, the face prior's skin 
 - Losses: relativistic non-averaging least-squares GAN (R-LSGAN), each real paired with the fake generated from
   the same gamma.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,7 +78,7 @@ class ModelConfig:
 
     def scales(self) -> List[int]:
         """Edge in voxels of each scale, coarsest first: [4, 8, ..., size]."""
-        return [MIN_SIZE * 2 ** k for k in range(self.n_blocks)]
+        return [MIN_SIZE * 2**k for k in range(self.n_blocks)]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +91,7 @@ class ModelConfig:
 
 # ---------------------------------------------------------------------------------------------------- blocks
 
+
 class DenseBlock(nn.Module):
     """A 1³ stem to ``width``, two dense 3³ convolutions and a 1³ projection to ``out_channels``."""
 
@@ -98,9 +100,14 @@ class DenseBlock(nn.Module):
         # The 1³ stem is there for speed: PyTorch's CPU backend falls back to a slow im2col path for 3³
         # convolutions with few input channels (4 -> 8 at 64³ costs 4x an 8 -> 8 one).
         self.body = nn.Sequential(
-            nn.Conv3d(in_channels, width, 1), nn.LeakyReLU(0.2),
-            nn.Conv3d(width, width, 3, padding=1), _norm(width, norm), nn.LeakyReLU(0.2),
-            nn.Conv3d(width, width, 3, padding=1), _norm(width, norm), nn.LeakyReLU(0.2),
+            nn.Conv3d(in_channels, width, 1),
+            nn.LeakyReLU(0.2),
+            nn.Conv3d(width, width, 3, padding=1),
+            _norm(width, norm),
+            nn.LeakyReLU(0.2),
+            nn.Conv3d(width, width, 3, padding=1),
+            _norm(width, norm),
+            nn.LeakyReLU(0.2),
             nn.Conv3d(width, out_channels, 1),
         )
 
@@ -115,9 +122,14 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = width * expand
         self.body = nn.Sequential(
-            nn.Conv3d(width, hidden, 1), _norm(hidden, norm), nn.LeakyReLU(0.2),
-            nn.Conv3d(hidden, hidden, 3, padding=1, groups=hidden), _norm(hidden, norm), nn.LeakyReLU(0.2),
-            nn.Conv3d(hidden, width, 1), _norm(width, norm),
+            nn.Conv3d(width, hidden, 1),
+            _norm(hidden, norm),
+            nn.LeakyReLU(0.2),
+            nn.Conv3d(hidden, hidden, 3, padding=1, groups=hidden),
+            _norm(hidden, norm),
+            nn.LeakyReLU(0.2),
+            nn.Conv3d(hidden, width, 1),
+            _norm(width, norm),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +142,10 @@ class MBConvBlock(nn.Module):
     def __init__(self, in_channels: int, width: int, out_channels: int, norm: bool, expand: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv3d(in_channels, width, 1), nn.LeakyReLU(0.2),
-            InvertedResidual(width, expand, norm), InvertedResidual(width, expand, norm),
+            nn.Conv3d(in_channels, width, 1),
+            nn.LeakyReLU(0.2),
+            InvertedResidual(width, expand, norm),
+            InvertedResidual(width, expand, norm),
             nn.Conv3d(width, out_channels, 1),
         )
 
@@ -153,6 +167,7 @@ def _block(config: ModelConfig, in_channels: int, width: int, out_channels: int,
 
 # ---------------------------------------------------------------------------------------------------- networks
 
+
 class Generator(nn.Module):
     """gamma pyramid + noise at 4³ -> the fake images g_1..g_NB (single channel, normalised units)."""
 
@@ -160,7 +175,8 @@ class Generator(nn.Module):
         super().__init__()
         self.config = config
         self.blocks = nn.ModuleList(
-            _block(config, 1 + CONDITION_CHANNELS, width, 1, norm=True) for width in config.g_widths)
+            _block(config, 1 + CONDITION_CHANNELS, width, 1, norm=True) for width in config.g_widths
+        )
 
     def forward(self, gammas: List[torch.Tensor], noise: torch.Tensor) -> List[torch.Tensor]:
         images = []
@@ -208,6 +224,7 @@ class Discriminator(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- pyramids
 
+
 def noise(batch: int, generator: Optional[torch.Generator] = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """g_0 ~ N(0, 1): (batch, 1, 4, 4, 4), drawn on the CPU from ``generator`` so a seed means the same on any device."""
     return torch.randn((batch, 1) + (MIN_SIZE,) * 3, generator=generator).to(device)
@@ -221,8 +238,9 @@ def pyramid(volume: torch.Tensor, n_scales: int) -> List[torch.Tensor]:
     return levels[::-1]
 
 
-def gamma_pyramid(gamma: torch.Tensor, n_scales: int,
-                  generator: Optional[torch.Generator] = None) -> List[torch.Tensor]:
+def gamma_pyramid(
+    gamma: torch.Tensor, n_scales: int, generator: Optional[torch.Generator] = None
+) -> List[torch.Tensor]:
     """The conditioning (B, C, S, S, S) at every scale, coarsest first.
 
     The binary channels (c, b) are pooled with the probabilistic binary pooling, so they stay binary and keep
@@ -236,18 +254,19 @@ def gamma_pyramid(gamma: torch.Tensor, n_scales: int,
     return levels[::-1]
 
 
-def blend(images: List[torch.Tensor], gammas: List[torch.Tensor],
-          brain_fractions: List[torch.Tensor]) -> List[torch.Tensor]:
+def blend(
+    images: List[torch.Tensor], gammas: List[torch.Tensor], brain_fractions: List[torch.Tensor]
+) -> List[torch.Tensor]:
     """f_k = b*x + (1 - b) * g_k at every scale: the generator's images around the real brain.
 
     ``brain_fractions`` is the average-pooled brain mask (``pyramid(b)``): the share of each coarse voxel that
     is brain, so a coarse fake border voxel mixes like the average-pooled real one.
     """
-    return [gamma[:, 2:3] + (1.0 - fraction) * image
-            for image, gamma, fraction in zip(images, gammas, brain_fractions)]
+    return [gamma[:, 2:3] + (1.0 - fraction) * image for image, gamma, fraction in zip(images, gammas, brain_fractions)]
 
 
 # ---------------------------------------------------------------------------------------------------- losses
+
 
 def discriminator_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
     """R-LSGAN, non-averaging: 1/2 E[(D(x_f) - D(x_r) + 1)^2], pairs from the same gamma."""
@@ -260,6 +279,7 @@ def generator_loss(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torc
 
 
 # ---------------------------------------------------------------------------------------------------- weights
+
 
 def save_generator(generator: Generator, path: str | Path, extra: Optional[dict] = None) -> str:
     """Write the generator's weights to ``path`` (safetensors) and ``path`` with .json (config, sha256, ``extra``).
@@ -278,8 +298,9 @@ def save_generator(generator: Generator, path: str | Path, extra: Optional[dict]
     return sha256
 
 
-def load_generator(path: str | Path | None = None,
-                   device: torch.device | str = "cpu") -> Tuple[Generator, ModelConfig, str]:
+def load_generator(
+    path: str | Path | None = None, device: torch.device | str = "cpu"
+) -> Tuple[Generator, ModelConfig, str]:
     """Load a generator written by :func:`save_generator`: (generator in eval mode on ``device``, config, sha256).
 
     ``path`` is the .safetensors file (default: the shipped 64³ weights); its .json sibling must give the same

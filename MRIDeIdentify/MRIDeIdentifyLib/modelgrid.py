@@ -6,6 +6,7 @@ axis 0 = inferior->superior, axis 1 = anterior->posterior, axis 2 = right->left.
 mapping are resamplings in physical space with an identity transform, so going to the cube and back onto
 the input grid involves no registration and no approximation of geometry.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,9 +67,15 @@ class ModelGrid:
     intensity: IntensityScale
 
     @classmethod
-    def around(cls, image: sitk.Image, head: np.ndarray, brain: np.ndarray | None = None,
-               size: int = DEFAULT_SIZE, fov_mm: float = DEFAULT_FOV_MM,
-               array: np.ndarray | None = None) -> "ModelGrid":
+    def around(
+        cls,
+        image: sitk.Image,
+        head: np.ndarray,
+        brain: np.ndarray | None = None,
+        size: int = DEFAULT_SIZE,
+        fov_mm: float = DEFAULT_FOV_MM,
+        array: np.ndarray | None = None,
+    ) -> "ModelGrid":
         """The cube centred on the bounding box of ``head`` (bool KJI on ``image``'s grid).
 
         The field of view is ``fov_mm``, widened to the head's largest extent plus 5 % when the head is
@@ -114,14 +121,20 @@ class ModelGrid:
         for axis, sigma in enumerate(_antialias_sigma(image.GetSpacing(), self.spacing)):
             # Axis by axis: thick slices already coarser than the cube need no smoothing along them.
             if sigma > 0.2 * self.spacing:
-                source = sitk.RecursiveGaussian(source, sigma, False, sitk.RecursiveGaussianImageFilter.ZeroOrder,
-                                                axis)
-        resampled = sitk.Resample(source, self.reference(), sitk.Transform(), sitk.sitkLinear, default,
-                                  sitk.sitkFloat32)
+                source = sitk.RecursiveGaussian(source, sigma, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+        resampled = sitk.Resample(
+            source, self.reference(), sitk.Transform(), sitk.sitkLinear, default, sitk.sitkFloat32
+        )
         return sitk.GetArrayFromImage(resampled)
 
-    def to_native(self, array: np.ndarray, reference: sitk.Image, interpolator: int = sitk.sitkLinear,
-                  default: float = 0.0, within: np.ndarray | None = None) -> np.ndarray:
+    def to_native(
+        self,
+        array: np.ndarray,
+        reference: sitk.Image,
+        interpolator: int = sitk.sitkLinear,
+        default: float = 0.0,
+        within: np.ndarray | None = None,
+    ) -> np.ndarray:
         """A cube array (S, S, S) resampled back onto ``reference``'s grid: float32 KJI, same units as ``array``.
 
         Input voxels outside the cube get ``default``. ``within`` (bool KJI on ``reference``'s grid): only the
@@ -137,18 +150,19 @@ class ModelGrid:
         grid.SetSpacing(reference.GetSpacing())
         grid.SetDirection(reference.GetDirection())
         grid.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in start[::-1]]))
-        back = sitk.GetArrayFromImage(sitk.Resample(cube, grid, sitk.Transform(), interpolator, default,
-                                                    sitk.sitkFloat32))
+        back = sitk.GetArrayFromImage(
+            sitk.Resample(cube, grid, sitk.Transform(), interpolator, default, sitk.sitkFloat32)
+        )
         if within is None:
             return back
         full = np.full(reference.GetSize()[::-1], default, np.float32)
-        full[start[0]:stop[0], start[1]:stop[1], start[2]:stop[2]] = back
+        full[start[0] : stop[0], start[1] : stop[1], start[2] : stop[2]] = back
         return full
 
 
 def _antialias_sigma(input_spacing, cube_spacing: float):
     """Per-axis Gaussian sigma (mm) that removes what the coarser cube cannot represent (0: nothing to remove)."""
-    return [0.5 * float(np.sqrt(max(cube_spacing ** 2 - s ** 2, 0.0))) for s in input_spacing]
+    return [0.5 * float(np.sqrt(max(cube_spacing**2 - s**2, 0.0))) for s in input_spacing]
 
 
 def _physical_bounds(image: sitk.Image, mask: np.ndarray):
@@ -157,6 +171,7 @@ def _physical_bounds(image: sitk.Image, mask: np.ndarray):
         mask = np.ones(mask.shape, bool)
     ranges = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
     k, j, i = ([r[0], r[-1]] for r in ranges)
-    corners = np.array([image.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z)))
-                        for x in i for y in j for z in k])
+    corners = np.array(
+        [image.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z))) for x in i for y in j for z in k]
+    )
     return corners.min(axis=0), corners.max(axis=0)

@@ -5,6 +5,7 @@ and for a scan being de-identified. (Training used to recompute it on the cube w
 image's, 0.67-0.93 times the cube's on the shared heads, so the hulls the model learnt from were not the ones it
 was given.) The face prior's skin enters as a fourth channel: its signed distance, clipped and scaled to [-1, 1].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,14 @@ class ModelInputs:
     threshold: float
 
 
-def model_inputs(volume: torch.Tensor | np.ndarray, brain: torch.Tensor | np.ndarray, *, seed: int,
-                 rotations: int = DEFAULT_ROTATIONS, facets: int = DEFAULT_FACETS) -> ModelInputs:
+def model_inputs(
+    volume: torch.Tensor | np.ndarray,
+    brain: torch.Tensor | np.ndarray,
+    *,
+    seed: int,
+    rotations: int = DEFAULT_ROTATIONS,
+    facets: int = DEFAULT_FACETS,
+) -> ModelInputs:
     """gamma of a head on the model grid: ``volume`` float (S, S, S) normalised, ``brain`` bool (S, S, S).
 
     Inputs are not modified; gamma is on ``volume``'s device.

@@ -4,6 +4,7 @@
 command line. Every file of one scan is written through one ``writer.OutputSet``, so a failure leaves none of
 them and the input is never touched.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -37,20 +38,31 @@ def check_method(settings: Settings) -> None:
     """Fail at once on an unusable method, device or model (InputError), before any scan is read."""
     from .devices import resolve_device
     from .methods import get_method
+
     get_method(settings.method).check(settings.method_options(), resolve_device(settings.device))
 
 
 def progress_printer(label: str = "") -> Callable[[str, float], None]:
     """Progress on stderr: one line per stage start (``batch`` draws a bar over scans instead)."""
+
     def report(stage: str, fraction: float) -> None:
         if fraction == 0.0:
             print(f"{PROG}: {label}{stage}...", file=sys.stderr, flush=True)
+
     return report
 
 
-def run_one(input_path: Path, output: Path, settings: Settings, *, quiet: bool = False,
-            save_brain_mask: Optional[Path] = None, save_face_mask: Optional[Path] = None,
-            qa_dir: Optional[Path] = None, dicom_run: Optional[DicomRun] = None) -> Dict[str, Any]:
+def run_one(
+    input_path: Path,
+    output: Path,
+    settings: Settings,
+    *,
+    quiet: bool = False,
+    save_brain_mask: Optional[Path] = None,
+    save_face_mask: Optional[Path] = None,
+    qa_dir: Optional[Path] = None,
+    dicom_run: Optional[DicomRun] = None,
+) -> Dict[str, Any]:
     """Read ``input_path``, de-identify it with ``settings`` and write ``output``; returns its provenance.
 
     ``output`` is an image file, or a folder for a DICOM series. ``save_brain_mask``/``save_face_mask``: uint8
@@ -77,27 +89,40 @@ def run_one(input_path: Path, output: Path, settings: Settings, *, quiet: bool =
 
     volume = read_volume(input_path, settings.series)
     if out_format == "dicom" and volume.format != "dicom":
-        raise InputError(f"{output}: DICOM output needs DICOM input; give an output file name such as "
-                         "scan_deid.nii.gz")
+        raise InputError(f"{output}: DICOM output needs DICOM input; give an output file name such as scan_deid.nii.gz")
     read_seconds = time.perf_counter() - started
     mask = read_volume(settings.brain_mask).image if settings.brain_mask is not None else None
-    result = deidentify(volume.image, settings.method, brain_mask=mask, margin_mm=settings.margin_mm,
-                        seed=settings.seed, device=settings.device, options=settings.method_options(),
-                        progress=None if quiet else progress_printer())
+    result = deidentify(
+        volume.image,
+        settings.method,
+        brain_mask=mask,
+        margin_mm=settings.margin_mm,
+        seed=settings.seed,
+        device=settings.device,
+        options=settings.method_options(),
+        progress=None if quiet else progress_printer(),
+    )
     record = result.provenance
     record["timings_s"] = {"read": round(read_seconds, 4), **record["timings_s"]}
     marker = provenance.marker(record["method"])
 
     write_start = time.perf_counter()
     with OutputSet() as outputs:
-        staged_output = outputs.path(output)   # asked for first, so moved into place last
+        staged_output = outputs.path(output)  # asked for first, so moved into place last
         if out_format == "dicom":
             from . import dicom
+
             dicom_run = dicom_run or DicomRun.new(settings.shift_dates)
-            assert volume.dicom is not None   # read_volume keeps the source of every DICOM input
-            dicom.write_series(result.image, volume.dicom, staged_output, method=record["method"],
-                               tool_version=__version__, uid_map=dicom.UIDMap(dicom_run.secret),
-                               date_shift_days=dicom_run.date_shift_days)
+            assert volume.dicom is not None  # read_volume keeps the source of every DICOM input
+            dicom.write_series(
+                result.image,
+                volume.dicom,
+                staged_output,
+                method=record["method"],
+                tool_version=__version__,
+                uid_map=dicom.UIDMap(dicom_run.secret),
+                date_shift_days=dicom_run.date_shift_days,
+            )
         else:
             write_image(result.image, staged_output, marker)
         if save_brain_mask is not None:
@@ -106,6 +131,7 @@ def run_one(input_path: Path, output: Path, settings: Settings, *, quiet: bool =
             write_image(result.face_mask, outputs.path(save_face_mask), marker)
         if qa_dir is not None:
             from .render import write_qa
+
             write_qa(volume.image, result.image, outputs.path(qa_dir))
         record["timings_s"]["write"] = round(time.perf_counter() - write_start, 4)
         record["timings_s"]["wall"] = round(time.perf_counter() - started, 4)
@@ -115,4 +141,5 @@ def run_one(input_path: Path, output: Path, settings: Settings, *, quiet: bool =
 
 def _has_image_suffix(path: Path) -> bool:
     from .reader import IMAGE_SUFFIXES
+
     return path.name.lower().endswith(IMAGE_SUFFIXES)

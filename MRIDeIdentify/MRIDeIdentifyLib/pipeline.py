@@ -4,6 +4,7 @@ Stages: head mask -> brain mask (+ margin) -> the method -> composite. Reading a
 callers (the command line reads files; the Slicer Logic converts volume nodes), so this function works on
 ``SimpleITK`` images only.
 """
+
 from __future__ import annotations
 
 import time
@@ -36,10 +37,18 @@ class Result:
     device: str
 
 
-def deidentify(image: sitk.Image, method: Optional[str] = None, *, brain_mask: Optional[sitk.Image] = None,
-               margin_mm: float = DEFAULT_MARGIN_MM, seed: int = DEFAULT_SEED, device: str = DEFAULT_DEVICE,
-               options: Optional[Dict[str, Any]] = None, progress: Optional[ProgressCallback] = None,
-               cancel: Optional[Callable[[], bool]] = None) -> Result:
+def deidentify(
+    image: sitk.Image,
+    method: Optional[str] = None,
+    *,
+    brain_mask: Optional[sitk.Image] = None,
+    margin_mm: float = DEFAULT_MARGIN_MM,
+    seed: int = DEFAULT_SEED,
+    device: str = DEFAULT_DEVICE,
+    options: Optional[Dict[str, Any]] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> Result:
     """De-identify ``image`` (3-D scalar; not modified) with ``method`` (None = the default method).
 
     ``brain_mask``: optional user mask (any grid overlapping the head; non-zero = brain). ``margin_mm``: the
@@ -54,9 +63,18 @@ def deidentify(image: sitk.Image, method: Optional[str] = None, *, brain_mask: O
     image = check_volume(image)
     torch_device = resolve_device(device)
     chosen.check(dict(options or {}), torch_device)
-    ctx = MethodContext(image=image, array=sitk.GetArrayViewFromImage(image).astype(np.float32), brain=None,
-                        head=None, threshold=0.0, seed=int(seed), device=torch_device,
-                        options=dict(options or {}), progress=progress, cancel=cancel)
+    ctx = MethodContext(
+        image=image,
+        array=sitk.GetArrayViewFromImage(image).astype(np.float32),
+        brain=None,
+        head=None,
+        threshold=0.0,
+        seed=int(seed),
+        device=torch_device,
+        options=dict(options or {}),
+        progress=progress,
+        cancel=cancel,
+    )
     start = time.perf_counter()
     with ctx.stage("head mask"):
         ctx.threshold = head_threshold(image)
@@ -75,8 +93,20 @@ def deidentify(image: sitk.Image, method: Optional[str] = None, *, brain_mask: O
         result = composite(image, ctx.brain, ctx.head, output, ctx.threshold, seed=ctx.seed)
     changed = output.changed if output.changed is not None else (output.head | ctx.head) & ~ctx.brain
     ctx.timings["total"] = time.perf_counter() - start
-    record = provenance.record(method=chosen.name, seed=ctx.seed, margin_mm=float(margin_mm),
-                               device=str(torch_device), brain_mask_source=source, timings=ctx.timings,
-                               image=image, extra=ctx.provenance)
-    return Result(result, image_like(ctx.brain.view(np.uint8), image),
-                  image_like((changed & ~ctx.brain).view(np.uint8), image), record, str(torch_device))
+    record = provenance.record(
+        method=chosen.name,
+        seed=ctx.seed,
+        margin_mm=float(margin_mm),
+        device=str(torch_device),
+        brain_mask_source=source,
+        timings=ctx.timings,
+        image=image,
+        extra=ctx.provenance,
+    )
+    return Result(
+        result,
+        image_like(ctx.brain.view(np.uint8), image),
+        image_like((changed & ~ctx.brain).view(np.uint8), image),
+        record,
+        str(torch_device),
+    )

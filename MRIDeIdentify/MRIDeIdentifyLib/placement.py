@@ -15,6 +15,7 @@ model grid, plus which cube voxels the input's field of view covers. The scan's 
 Fitting (training) poses the mean the same way, then alternates a similarity fit and a ridge-regularised
 least-squares fit of the identity weights to the head's skin points (ICP), on the part in the field of view.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ _PITCH_STARTS_DEG = (0.0, -20.0, 20.0)
 _CRANIUM_INSET_MM = 2.0
 _FACE_TOUCH_MM = 1.0
 _SCALE_RANGE = (0.75, 1.35)
-_NOSE_TIP = 30      # index into the 68 Multi-PIE landmarks
+_NOSE_TIP = 30  # index into the 68 Multi-PIE landmarks
 _MIDLINE_MM = 35.0  # half-width of the face strip that touches the hull's front (inner eye corners ~ 16 mm)
 # Ridge weight of the identity fit, in units of the weights' prior variance: the fit explains the points as far
 # as 1-2 mm residuals allow and no further.
@@ -62,10 +63,12 @@ def register_pose(gamma: np.ndarray, grid: ModelGrid, prior: FacePrior) -> Pose:
     # Smoothed labels give the metric a slope a few voxels wide around every edge.
     fixed = sitk.SmoothingRecursiveGaussian(labels, 6.0)
     moving = sitk.SmoothingRecursiveGaussian(reference, 6.0)
-    initial = sitk.CenteredTransformInitializer(sitk.Cast(labels > 1.5, sitk.sitkUInt8),
-                                                sitk.Cast(reference > 1.5, sitk.sitkUInt8),
-                                                sitk.Similarity3DTransform(),
-                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
+    initial = sitk.CenteredTransformInitializer(
+        sitk.Cast(labels > 1.5, sitk.sitkUInt8),
+        sitk.Cast(reference > 1.5, sitk.sitkUInt8),
+        sitk.Similarity3DTransform(),
+        sitk.CenteredTransformInitializerFilter.MOMENTS,
+    )
     best, best_value = None, np.inf
     previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     # One thread: ITK's per-thread partial sums make multi-threaded fits differ by micrometres between runs.
@@ -81,8 +84,9 @@ def register_pose(gamma: np.ndarray, grid: ModelGrid, prior: FacePrior) -> Pose:
             method.SetShrinkFactorsPerLevel([2, 1])
             method.SetSmoothingSigmasPerLevel([4.0, 0.0])
             method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-            method.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=150,
-                                                            relaxationFactor=0.6)
+            method.SetOptimizerAsRegularStepGradientDescent(
+                learningRate=2.0, minStep=1e-3, numberOfIterations=150, relaxationFactor=0.6
+            )
             method.SetOptimizerScalesFromPhysicalShift()
             method.SetInitialTransform(start, inPlace=False)
             fit = method.Execute(fixed, moving)
@@ -91,7 +95,7 @@ def register_pose(gamma: np.ndarray, grid: ModelGrid, prior: FacePrior) -> Pose:
                 best, best_value = fit, value
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
-    assert best is not None       # at least one start ran; a failed fit raises inside SimpleITK
+    assert best is not None  # at least one start ran; a failed fit raises inside SimpleITK
     if isinstance(best, sitk.CompositeTransform):
         best = best.GetNthTransform(0)
     similarity = sitk.Similarity3DTransform(best.Downcast())
@@ -113,12 +117,13 @@ class _Field:
         self.array, self.grid, self.outside = array, grid, outside
 
     def __call__(self, points: np.ndarray) -> np.ndarray:
-        index = (np.asarray(points) - np.asarray(self.grid.origin)) / self.grid.spacing     # x, y, z = i, j, k
+        index = (np.asarray(points) - np.asarray(self.grid.origin)) / self.grid.spacing  # x, y, z = i, j, k
         return ndimage.map_coordinates(self.array, index[:, ::-1].T, order=1, mode="constant", cval=self.outside)
 
 
-def place(prior: FacePrior, vertices: np.ndarray, gamma: np.ndarray, grid: ModelGrid, fov: np.ndarray,
-          pose: Pose) -> np.ndarray:
+def place(
+    prior: FacePrior, vertices: np.ndarray, gamma: np.ndarray, grid: ModelGrid, fov: np.ndarray, pose: Pose
+) -> np.ndarray:
     """Vertices (V, 3) in scan LPS mm: the prior-frame ``vertices`` posed by ``pose``, then their face front
     and cranium fitted to the hull (see the module's docstring). ``fov`` bool (S, S, S): the cube voxels inside
     the input's field of view."""
@@ -138,13 +143,12 @@ def place(prior: FacePrior, vertices: np.ndarray, gamma: np.ndarray, grid: Model
 
     cranium = (weight < 0.1) & upper & (inside(posed) > 0.5)
     if cranium.sum() > 50:
-        offsets = (posed[cranium] - centre) @ axes      # coordinates along the pose's L, P, S axes
+        offsets = (posed[cranium] - centre) @ axes  # coordinates along the pose's L, P, S axes
 
         def residual(scales: np.ndarray) -> np.ndarray:
             return hull_distance(centre + (offsets * scales) @ axes.T) + _CRANIUM_INSET_MM
 
-        scales = optimize.least_squares(residual, np.ones(3), bounds=_SCALE_RANGE, loss="soft_l1",
-                                        f_scale=3.0).x
+        scales = optimize.least_squares(residual, np.ones(3), bounds=_SCALE_RANGE, loss="soft_l1", f_scale=3.0).x
         # Width applies to the face too (a face wider than the head would stick out of the cheeks); length
         # and height only to the cranium, so the face keeps its proportions.
         per_vertex = np.ones((len(posed), 3))
@@ -168,8 +172,9 @@ def place(prior: FacePrior, vertices: np.ndarray, gamma: np.ndarray, grid: Model
     return posed
 
 
-def fit_identity(prior: FacePrior, points: np.ndarray, gamma: np.ndarray, grid: ModelGrid, fov: np.ndarray,
-                 iterations: int = 20) -> Tuple[np.ndarray, np.ndarray, float]:
+def fit_identity(
+    prior: FacePrior, points: np.ndarray, gamma: np.ndarray, grid: ModelGrid, fov: np.ndarray, iterations: int = 20
+) -> Tuple[np.ndarray, np.ndarray, float]:
     """(identity weights (K,), posed vertices (V, 3) LPS mm, median distance mm) of the prior fitted to a head's
     skin ``points`` (N, 3) LPS mm: the placement of the mean as a start, then ICP of a similarity and the
     identity weights, on face vertices in the field of view (trimmed at the 80th percentile of distances)."""
@@ -181,7 +186,7 @@ def fit_identity(prior: FacePrior, points: np.ndarray, gamma: np.ndarray, grid: 
     used = (prior.face_weight > 0.5) & (inside(posed) > 0.5)
     if used.sum() < 100:
         return weights, posed, float("nan")
-    modes = prior.modes[:, used].reshape(prior.n_modes, -1).T          # (3N, K)
+    modes = prior.modes[:, used].reshape(prior.n_modes, -1).T  # (3N, K)
     for _ in range(iterations):
         current = prior.mean[used] + np.tensordot(weights, prior.modes[:, used], axes=1)
         moved = scale * current @ rotation.T + translation
@@ -203,8 +208,9 @@ def field_of_view(image: sitk.Image, grid: ModelGrid) -> np.ndarray:
     """bool (S, S, S): cube voxels inside ``image``'s field of view (not padded with background)."""
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(image)
-    return sitk.GetArrayFromImage(sitk.Resample(ones, grid.reference(), sitk.Transform(),
-                                                sitk.sitkNearestNeighbor, 0)) > 0
+    return (
+        sitk.GetArrayFromImage(sitk.Resample(ones, grid.reference(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+    )
 
 
 def skin_points(image: sitk.Image, head: np.ndarray, step: int = 2) -> np.ndarray:
@@ -218,8 +224,9 @@ def skin_points(image: sitk.Image, head: np.ndarray, step: int = 2) -> np.ndarra
 def _signed_distance(mask: np.ndarray, spacing: float) -> np.ndarray:
     image = sitk.GetImageFromArray(mask.astype(np.uint8))
     image.SetSpacing((spacing,) * 3)
-    return sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(image, insideIsPositive=False,
-                                                               squaredDistance=False, useImageSpacing=True))
+    return sitk.GetArrayFromImage(
+        sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    )
 
 
 # Skin kept at least this far outside the (dilated) brain mask: scalp, skull and CSF are rarely thinner, and a
@@ -241,8 +248,14 @@ def identity_rng(seed: int, brain_values: np.ndarray) -> np.random.Generator:
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int.from_bytes(digest[:8], "little")])
 
 
-def skin_distance(prior: FacePrior, vertices: np.ndarray, reference: sitk.Image, brain_distance: sitk.Image,
-                  spacing_mm: float = 2.0, clip_mm: float = 20.0) -> np.ndarray:
+def skin_distance(
+    prior: FacePrior,
+    vertices: np.ndarray,
+    reference: sitk.Image,
+    brain_distance: sitk.Image,
+    spacing_mm: float = 2.0,
+    clip_mm: float = 20.0,
+) -> np.ndarray:
     """Signed distance (mm, float32 KJI on ``reference``'s grid, clipped to +-``clip_mm``) to the placed skin
     united with a minimal scalp around the brain: ``brain_distance`` is the dilated brain's signed distance (mm,
     any grid, e.g. the cube's). ``spacing_mm``: the working grid (see skin.signed_distance)."""
@@ -250,9 +263,16 @@ def skin_distance(prior: FacePrior, vertices: np.ndarray, reference: sitk.Image,
 
     # A smooth union: where the prior's skin comes closer to the brain than a minimal scalp, the head swells
     # into a rounded bulge instead of a plateau with the brain mask's outline.
-    return signed_distance(vertices, prior.triangles, reference, spheres=(vertices[prior.eyes], prior.eye_radius_mm),
-                           spacing_mm=spacing_mm, clip_mm=clip_mm, union=brain_distance - _MIN_SCALP_MM,
-                           union_mm=_UNION_MM)
+    return signed_distance(
+        vertices,
+        prior.triangles,
+        reference,
+        spheres=(vertices[prior.eyes], prior.eye_radius_mm),
+        spacing_mm=spacing_mm,
+        clip_mm=clip_mm,
+        union=brain_distance - _MIN_SCALP_MM,
+        union_mm=_UNION_MM,
+    )
 
 
 def brain_distance(gamma: np.ndarray, grid: ModelGrid) -> sitk.Image:
@@ -263,21 +283,33 @@ def brain_distance(gamma: np.ndarray, grid: ModelGrid) -> sitk.Image:
     return sitk.SmoothingRecursiveGaussian(image, grid.spacing)
 
 
-def draw_face(prior: FacePrior, seed: int, brain_values: np.ndarray, gamma: np.ndarray, grid: ModelGrid,
-              image: sitk.Image, sigma: float) -> np.ndarray:
+def draw_face(
+    prior: FacePrior,
+    seed: int,
+    brain_values: np.ndarray,
+    gamma: np.ndarray,
+    grid: ModelGrid,
+    image: sitk.Image,
+    sigma: float,
+) -> np.ndarray:
     """A new identity for this scan, placed from gamma: vertices (V, 3) in the scan's LPS mm.
 
     ``brain_values``: the input's voxels inside the dilated brain (the identity's random source with ``seed``,
     see :func:`identity_rng`); ``image``: the input (its field of view only)."""
     identity = prior.sample(identity_rng(seed, brain_values), sigma)
-    return place(prior, prior.shape(identity), gamma, grid, field_of_view(image, grid),
-                 register_pose(gamma, grid, prior))
+    return place(
+        prior, prior.shape(identity), gamma, grid, field_of_view(image, grid), register_pose(gamma, grid, prior)
+    )
 
 
 def face_prior_record(prior: FacePrior, sigma: float) -> dict:
     """What the sidecar says of the face: that an identity was drawn, from which prior; nothing of the input's."""
-    return {"sha256": prior.sha256, "modes": prior.n_modes, "sigma": sigma,
-            "identity": "drawn at random from the seed and the brain's voxels"}
+    return {
+        "sha256": prior.sha256,
+        "modes": prior.n_modes,
+        "sigma": sigma,
+        "identity": "drawn at random from the seed and the brain's voxels",
+    }
 
 
 # Working grid of the native skin (mm): exact distances near the surface make its zero level accurate to a few

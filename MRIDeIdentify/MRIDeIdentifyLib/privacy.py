@@ -11,6 +11,7 @@ comes from an explicit ``torch.Generator``: random numbers are drawn on the gene
 to the data's device, so a CPU generator gives the same draws whether the volumes live on the CPU or a GPU.
 ``generator=None`` uses torch's global generator.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,9 +37,15 @@ def random_rotations(k: int, generator: torch.Generator | None = None) -> torch.
     w, x, y, z = (q / q.norm(dim=1, keepdim=True)).unbind(1)
     rotation = torch.stack(
         [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
         ],
         dim=1,
     )
@@ -99,8 +106,9 @@ def surface_probability(
     return (count[:numel].reshape(binary.shape).to(torch.float32) / (6 * rotations)).clamp_(max=1.0)
 
 
-def _affine_grid(axes: list[torch.Tensor], matrix: torch.Tensor, centre: torch.Tensor,
-                 shape: torch.Tensor) -> torch.Tensor:
+def _affine_grid(
+    axes: list[torch.Tensor], matrix: torch.Tensor, centre: torch.Tensor, shape: torch.Tensor
+) -> torch.Tensor:
     """grid_sample grid (1, n0, n1, n2, 3) reading the input at ``u @ matrix.T + centre`` for u in the
     product of ``axes`` (KJI voxel coordinates; ``shape`` the input's). The grid is affine, so it is the
     broadcast sum of one term per output axis with the normalisation folded in: cheaper than F.affine_grid or

@@ -2,6 +2,7 @@
 
 Nothing here records the input's path or file name: both often carry a patient's name or ID.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,17 @@ def describe_grid(image: sitk.Image) -> Dict[str, Any]:
     }
 
 
-def record(*, method: str, seed: int, margin_mm: float, device: str, brain_mask_source: str,
-           timings: Dict[str, float], image: sitk.Image, extra: Dict[str, Any]) -> Dict[str, Any]:
+def record(
+    *,
+    method: str,
+    seed: int,
+    margin_mm: float,
+    device: str,
+    brain_mask_source: str,
+    timings: Dict[str, float],
+    image: sitk.Image,
+    extra: Dict[str, Any],
+) -> Dict[str, Any]:
     """The provenance dictionary for one de-identified scan (the sidecar's content)."""
     return {
         "tool": TOOL,
@@ -52,6 +62,7 @@ def record(*, method: str, seed: int, margin_mm: float, device: str, brain_mask_
 def sidecar_path(output: Path) -> Path:
     """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w.json`` (BIDS style); a DICOM folder gets ``<folder>.json`` beside it."""
     from .reader import image_stem
+
     return output.with_name(image_stem(output) + ".json")
 
 

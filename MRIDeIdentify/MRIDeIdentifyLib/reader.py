@@ -4,6 +4,7 @@ Everything is read into a 3-D scalar ``SimpleITK.Image`` that keeps the stored p
 grid (size, spacing, origin, direction in LPS). Anything unusable raises :class:`errors.InputError`
 with one line saying why.
 """
+
 from __future__ import annotations
 
 import logging
@@ -72,8 +73,10 @@ def format_of(path: Path) -> str:
         return "mgh"
     if name.endswith(DICOM_SUFFIXES):
         return "dicom"
-    raise InputError(f"{path.name}: unsupported file type (use .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, .mgz, "
-                     "or a DICOM series folder)")
+    raise InputError(
+        f"{path.name}: unsupported file type (use .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, .mgz, "
+        "or a DICOM series folder)"
+    )
 
 
 def read_volume(path: Path, series_uid: Optional[str] = None) -> Volume:
@@ -84,6 +87,7 @@ def read_volume(path: Path, series_uid: Optional[str] = None) -> Volume:
     kind = format_of(path)
     if kind == "dicom":
         from . import dicom
+
         folder, uid = (path, series_uid) if path.is_dir() else (path.parent, series_uid or _series_of(path))
         image, source = dicom.read_series(folder, uid)
         return Volume(check_volume(image, path.name), "dicom", source)
@@ -104,8 +108,10 @@ def check_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
     A 4-D image holding a single volume is reduced to 3-D (same grid); a true time series is refused.
     """
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel "
-                         "(colour or vector image); a scalar MRI volume is needed")
+        raise InputError(
+            f"{name}: has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+            "(colour or vector image); a scalar MRI volume is needed"
+        )
     dimension = image.GetDimension()
     if dimension == 4:
         volumes = image.GetSize()[3]
@@ -116,8 +122,9 @@ def check_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
         raise InputError(f"{name}: is a {dimension}-D image; a 3-D head volume is needed")
     size = image.GetSize()
     if min(size) < MIN_VOXELS_PER_AXIS:
-        raise InputError(f"{name}: is only {min(size)} voxel(s) thick ({'x'.join(map(str, size))}); "
-                         "a 3-D head volume is needed")
+        raise InputError(
+            f"{name}: is only {min(size)} voxel(s) thick ({'x'.join(map(str, size))}); a 3-D head volume is needed"
+        )
     array = sitk.GetArrayViewFromImage(image)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise InputError(f"{name}: contains NaN or infinite voxel values")
@@ -150,6 +157,7 @@ def _check_nifti(path: Path) -> None:
     sizes, orientation), damaged gzip, a data section shorter than the header promises (ITK zero-fills it) and
     NaN/inf voxels (ITK turns them into 0, which would break the bit-identical brain)."""
     import nibabel as nib
+
     fault = _nifti_header_fault(path)
     if fault:
         raise InputError(f"{path.name}: {fault}")
@@ -159,8 +167,10 @@ def _check_nifti(path: Path) -> None:
             data = np.asanyarray(nifti.dataobj)
     except (OSError, EOFError) as error:
         what = "gzip stream" if path.name.lower().endswith(".gz") else "voxel data"
-        raise InputError(f"{path.name}: damaged or truncated {what}, or a header promising more voxels than "
-                         f"the file holds ({without_path(error, path)})") from None
+        raise InputError(
+            f"{path.name}: damaged or truncated {what}, or a header promising more voxels than "
+            f"the file holds ({without_path(error, path)})"
+        ) from None
     except Exception as error:  # nibabel raises ValueError/ImageFileError/... for inconsistent headers
         raise InputError(f"{path.name}: the NIfTI header is damaged ({without_path(error, path)})") from None
     if data.dtype.kind in "fc" and not np.isfinite(data).all():
@@ -168,14 +178,22 @@ def _check_nifti(path: Path) -> None:
 
 
 # The fields of a NIfTI-1 header (348 bytes) that place the voxels in space, at their byte offsets.
-_NIFTI1_FIELDS = [("sizeof_hdr", "i4", 0), ("dim", "8i2", 40), ("pixdim", "8f4", 76), ("qform_code", "i2", 252),
-                  ("sform_code", "i2", 254), ("quatern", "6f4", 256), ("srow", "12f4", 280)]
+_NIFTI1_FIELDS = [
+    ("sizeof_hdr", "i4", 0),
+    ("dim", "8i2", 40),
+    ("pixdim", "8f4", 76),
+    ("qform_code", "i2", 252),
+    ("sform_code", "i2", 254),
+    ("quatern", "6f4", 256),
+    ("srow", "12f4", 280),
+]
 
 
 def _nifti_header_fault(path: Path) -> Optional[str]:
     """What is wrong with a NIfTI-1 header's dimensions, voxel sizes or orientation, read from its raw bytes
     (nibabel quietly mends some of them); None when nothing is, or for NIfTI-2, which nibabel checks."""
     import gzip
+
     try:
         opener = gzip.open if path.name.lower().endswith(".gz") else open
         with opener(path, "rb") as stream:
@@ -187,9 +205,14 @@ def _nifti_header_fault(path: Path) -> Optional[str]:
     if raw[344:347] not in (b"n+1", b"ni1") and raw[4:7] not in (b"n+2", b"ni2"):
         return "cannot be read as NIfTI: it has no NIfTI header (another kind of file, or a damaged one)"
     for order in "<>":
-        layout = np.dtype({"names": [n for n, _, _ in _NIFTI1_FIELDS],
-                           "formats": [order + f for _, f, _ in _NIFTI1_FIELDS],
-                           "offsets": [o for _, _, o in _NIFTI1_FIELDS], "itemsize": 348})
+        layout = np.dtype(
+            {
+                "names": [n for n, _, _ in _NIFTI1_FIELDS],
+                "formats": [order + f for _, f, _ in _NIFTI1_FIELDS],
+                "offsets": [o for _, _, o in _NIFTI1_FIELDS],
+                "itemsize": 348,
+            }
+        )
         header = np.frombuffer(raw, layout)[0]
         if header["sizeof_hdr"] == 348:
             break
@@ -199,9 +222,9 @@ def _nifti_header_fault(path: Path) -> Optional[str]:
     dims = int(header["dim"][0])
     if not 1 <= dims <= 7:
         return damaged + f"its number of dimensions (dim[0] = {dims}) is not 1 to 7"
-    if (header["dim"][1:dims + 1] < 1).any():
-        return damaged + f"a dimension is {header['dim'][1:dims + 1].min()} voxels"
-    sizes = header["pixdim"][1:min(dims, 3) + 1].astype(float)
+    if (header["dim"][1 : dims + 1] < 1).any():
+        return damaged + f"a dimension is {header['dim'][1 : dims + 1].min()} voxels"
+    sizes = header["pixdim"][1 : min(dims, 3) + 1].astype(float)
     shown = ", ".join(f"{v:g}" for v in sizes)
     if not np.isfinite(sizes).all() or (sizes <= 0).any():
         return damaged + f"its voxel sizes (pixdim {shown} mm) must be finite and positive"
@@ -209,13 +232,15 @@ def _nifti_header_fault(path: Path) -> Optional[str]:
         rows = header["srow"].astype(float).reshape(3, 4)
         if not np.isfinite(rows).all():
             return damaged + "its orientation matrix (sform) holds NaN or infinite values"
-        scales = np.linalg.norm(rows[:, :3], axis=0)[:sizes.size]
+        scales = np.linalg.norm(rows[:, :3], axis=0)[: sizes.size]
         if abs(np.linalg.det(rows[:, :3])) < 1e-9 * max(1.0, float(np.prod(scales))):
             return damaged + "its orientation matrix (sform) is singular"
         # ITK compares the two too, then quietly takes the qform: that would move the scan in space.
         if not np.allclose(scales, sizes, rtol=1e-3):
-            return damaged + (f"its voxel sizes (pixdim {shown} mm) disagree with its orientation matrix "
-                              f"(sform: {', '.join(f'{v:.4g}' for v in scales)} mm)")
+            return damaged + (
+                f"its voxel sizes (pixdim {shown} mm) disagree with its orientation matrix "
+                f"(sform: {', '.join(f'{v:.4g}' for v in scales)} mm)"
+            )
     elif header["qform_code"] > 0 and not np.isfinite(header["quatern"]).all():
         return damaged + "its orientation (qform) holds NaN or infinite values"
     return None
@@ -257,6 +282,7 @@ def _nibabel_quiet() -> Iterator[None]:
 def _read_mgh(path: Path) -> sitk.Image:
     """FreeSurfer .mgz/.mgh via nibabel, converted to a SimpleITK image with the same RAS->LPS geometry."""
     import nibabel as nib
+
     try:
         with _nibabel_quiet():
             mgh: Any = nib.load(str(path))
@@ -266,9 +292,11 @@ def _read_mgh(path: Path) -> sitk.Image:
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputError(f"{path.name}: is a {data.ndim}-D image; a 3-D head volume is needed"
-                         if data.ndim != 4 else
-                         f"{path.name}: is a 4-D series of {data.shape[3]} volumes; give a single 3-D volume")
+        raise InputError(
+            f"{path.name}: is a {data.ndim}-D image; a 3-D head volume is needed"
+            if data.ndim != 4
+            else f"{path.name}: is a 4-D series of {data.shape[3]} volumes; give a single 3-D volume"
+        )
     # MGH stores big-endian voxels; SimpleITK takes native byte order only (same values, same dtype).
     data = data.astype(data.dtype.newbyteorder("="), copy=False)
     image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
@@ -299,8 +327,10 @@ def ras_affine(image: sitk.Image) -> np.ndarray:
 
 def _series_of(path: Path) -> str:
     import pydicom
+
     try:
-        return str(pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-                   .SeriesInstanceUID)
+        return str(
+            pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]).SeriesInstanceUID
+        )
     except Exception as error:
         raise InputError(f"{path.name}: not a readable DICOM file ({error})") from None

@@ -15,6 +15,7 @@ between them: with three scales or shears the fit squashed heads by up to 25 % a
 of view ends at the chin, where the template goes on to the neck, and the surface warp adapts the head's
 proportions anyway.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -35,9 +36,17 @@ DEMONS_SMOOTHING_VOXELS = 2.0
 PITCH_STARTS_DEG = (0.0, -25.0, 25.0)
 
 
-def register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image, *,
-             keep_shape: Optional[sitk.Image] = None, deformable: bool = True,
-             spacing_mm: float = DEFAULT_SPACING_MM, seed: int = 0) -> sitk.Transform:
+def register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: sitk.Image,
+    moving_mask: sitk.Image,
+    *,
+    keep_shape: Optional[sitk.Image] = None,
+    deformable: bool = True,
+    spacing_mm: float = DEFAULT_SPACING_MM,
+    seed: int = 0,
+) -> sitk.Transform:
     """The transform that maps ``fixed`` physical points (LPS mm) onto ``moving``: resample ``moving`` with it.
 
     ``fixed_mask`` / ``moving_mask`` are the head masks (non-zero = tissue, on their image's grid): they
@@ -64,8 +73,16 @@ def _single_threaded() -> Iterator[None]:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
 
 
-def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image,
-              keep_shape: Optional[sitk.Image], deformable: bool, spacing_mm: float, seed: int) -> sitk.Transform:
+def _register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: sitk.Image,
+    moving_mask: sitk.Image,
+    keep_shape: Optional[sitk.Image],
+    deformable: bool,
+    spacing_mm: float,
+    seed: int,
+) -> sitk.Transform:
     fixed_small = _downsample(fixed, spacing_mm)
     moving_small = _downsample(moving, spacing_mm)
     fixed_mask_small = _mask_like(fixed_mask, fixed_small)
@@ -73,30 +90,48 @@ def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, mov
 
     # Centres of mass of the head masks, not of the intensities: a bright neck or fat pad in one field of
     # view only would drag an intensity-weighted centre by centimetres.
-    initial = sitk.CenteredTransformInitializer(fixed_mask_small, moving_mask_small, sitk.Similarity3DTransform(),
-                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
+    initial = sitk.CenteredTransformInitializer(
+        fixed_mask_small,
+        moving_mask_small,
+        sitk.Similarity3DTransform(),
+        sitk.CenteredTransformInitializerFilter.MOMENTS,
+    )
     fits = []
     for pitch in PITCH_STARTS_DEG:
         start = sitk.Similarity3DTransform(initial)
         start.SetRotation((1.0, 0.0, 0.0), float(np.deg2rad(pitch)))
-        fits.append(_run(fixed_small, moving_small, fixed_mask_small, moving_mask_small, start,
-                         shrink=[4, 2, 1], sigmas_mm=[8.0, 4.0, 2.0], seed=seed))
+        fits.append(
+            _run(
+                fixed_small,
+                moving_small,
+                fixed_mask_small,
+                moving_mask_small,
+                start,
+                shrink=[4, 2, 1],
+                sigmas_mm=[8.0, 4.0, 2.0],
+                seed=seed,
+            )
+        )
     # The starts are compared by how well the head outlines overlap, not by the final MI value: MI on a
     # random sample ranked a 25-degree mis-tilt first on an oblique scan (brain Dice 0.62 instead of 0.94).
-    similarity = max((fit[0] for fit in fits),
-                     key=lambda t: _overlap(fixed_mask_small, moving_mask_small, fixed_small, t))
+    similarity = max(
+        (fit[0] for fit in fits), key=lambda t: _overlap(fixed_mask_small, moving_mask_small, fixed_small, t)
+    )
     if not deformable:
         return similarity
 
     fixed_distance = _distance(fixed_mask_small)
-    moving_distance = sitk.Resample(_distance(moving_mask_small), fixed_small, similarity, sitk.sitkLinear,
-                                    DISTANCE_CLAMP_MM)
+    moving_distance = sitk.Resample(
+        _distance(moving_mask_small), fixed_small, similarity, sitk.sitkLinear, DISTANCE_CLAMP_MM
+    )
     if keep_shape is not None:
         # Identical images there: no demons force, so the moving outline stays its own.
-        keep = sitk.Resample(_mask_like(keep_shape, moving_small), fixed_small, similarity, sitk.sitkNearestNeighbor,
-                             0, sitk.sitkUInt8)
-        fixed_distance = sitk.Mask(fixed_distance, keep, outsideValue=0, maskingValue=1) + \
-            sitk.Mask(moving_distance, keep)
+        keep = sitk.Resample(
+            _mask_like(keep_shape, moving_small), fixed_small, similarity, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8
+        )
+        fixed_distance = sitk.Mask(fixed_distance, keep, outsideValue=0, maskingValue=1) + sitk.Mask(
+            moving_distance, keep
+        )
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetNumberOfIterations(DEMONS_ITERATIONS)
     demons.SetStandardDeviations(DEMONS_SMOOTHING_VOXELS)
@@ -105,9 +140,14 @@ def _register(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, mov
     return sitk.CompositeTransform([similarity, warp_field])
 
 
-def warp(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
-         interpolator: int = sitk.sitkLinear, default: float = 0.0,
-         field_spacing_mm: float = 2.0) -> sitk.Image:
+def warp(
+    moving: sitk.Image,
+    reference: sitk.Image,
+    transform: sitk.Transform,
+    interpolator: int = sitk.sitkLinear,
+    default: float = 0.0,
+    field_spacing_mm: float = 2.0,
+) -> sitk.Image:
     """``moving`` resampled onto ``reference``'s grid (size, spacing, origin, direction) through ``transform``.
 
     A composite (the deformable result) is first sampled into one displacement field at ``field_spacing_mm``:
@@ -116,15 +156,29 @@ def warp(moving: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
     """
     if isinstance(transform, sitk.CompositeTransform):
         coarse = _grid(reference, field_spacing_mm)
-        field = sitk.TransformToDisplacementField(transform, sitk.sitkVectorFloat64, coarse.GetSize(),
-                                                  coarse.GetOrigin(), coarse.GetSpacing(), coarse.GetDirection())
+        field = sitk.TransformToDisplacementField(
+            transform,
+            sitk.sitkVectorFloat64,
+            coarse.GetSize(),
+            coarse.GetOrigin(),
+            coarse.GetSpacing(),
+            coarse.GetDirection(),
+        )
         transform = sitk.DisplacementFieldTransform(field)
     return sitk.Resample(moving, reference, transform, interpolator, default, moving.GetPixelID())
 
 
-def _run(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_mask: sitk.Image,
-         transform: sitk.Transform, *, shrink: List[int], sigmas_mm: List[float],
-         seed: int) -> Tuple[sitk.Transform, float]:
+def _run(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fixed_mask: sitk.Image,
+    moving_mask: sitk.Image,
+    transform: sitk.Transform,
+    *,
+    shrink: List[int],
+    sigmas_mm: List[float],
+    seed: int,
+) -> Tuple[sitk.Transform, float]:
     """One multi-resolution Mattes MI fit from ``transform``; returns the fit and its final metric (lower is better)."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
@@ -138,8 +192,9 @@ def _run(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_m
     method.SetShrinkFactorsPerLevel(shrink)
     method.SetSmoothingSigmasPerLevel(sigmas_mm)
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=200,
-                                                    relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=1.0, minStep=1e-3, numberOfIterations=200, relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6
+    )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetInitialTransform(transform, inPlace=False)
     result = method.Execute(fixed, moving)
@@ -150,17 +205,24 @@ def _run(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image, moving_m
 
 def _overlap(fixed_mask: sitk.Image, moving_mask: sitk.Image, grid: sitk.Image, transform: sitk.Transform) -> float:
     """Dice of the fixed mask and the moving mask carried onto ``grid`` by ``transform``."""
-    moved = sitk.GetArrayViewFromImage(sitk.Resample(moving_mask, grid, transform, sitk.sitkNearestNeighbor, 0,
-                                                     sitk.sitkUInt8)) > 0
-    fixed = sitk.GetArrayViewFromImage(sitk.Resample(fixed_mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor,
-                                                     0, sitk.sitkUInt8)) > 0
+    moved = (
+        sitk.GetArrayViewFromImage(
+            sitk.Resample(moving_mask, grid, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        )
+        > 0
+    )
+    fixed = (
+        sitk.GetArrayViewFromImage(
+            sitk.Resample(fixed_mask, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        )
+        > 0
+    )
     return 2.0 * float((moved & fixed).sum()) / max(1, int(moved.sum() + fixed.sum()))
 
 
 def _distance(mask: sitk.Image) -> sitk.Image:
     """Signed distance to the mask's surface in mm (negative inside), clamped to +-DISTANCE_CLAMP_MM."""
-    distance = sitk.SignedMaurerDistanceMap(mask, insideIsPositive=False, squaredDistance=False,
-                                            useImageSpacing=True)
+    distance = sitk.SignedMaurerDistanceMap(mask, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
     return sitk.Clamp(distance, sitk.sitkFloat32, -DISTANCE_CLAMP_MM, DISTANCE_CLAMP_MM)
 
 
@@ -184,7 +246,7 @@ def _downsample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """``image`` as float32 on a ``spacing_mm`` isotropic grid, low-passed first so that it does not alias."""
     image = sitk.Cast(image, sitk.sitkFloat32)
     spacing = np.array(image.GetSpacing())
-    variances = [float(v) for v in np.maximum(spacing_mm ** 2 - spacing ** 2, 0.0) / 4.0]
+    variances = [float(v) for v in np.maximum(spacing_mm**2 - spacing**2, 0.0) / 4.0]
     if max(variances) > 0:
         image = sitk.DiscreteGaussian(image, variances, 32, 0.01, True)
     return sitk.Resample(image, _grid(image, spacing_mm), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)

@@ -8,6 +8,7 @@ VTK renders without a display through EGL (``vtkEGLRenderWindow``, Mesa's softwa
 ``VTK_DEFAULT_OPENGL_WINDOW=vtkOSOpenGLRenderWindow`` to use OSMesa instead. No environment variable is set here:
 this module also runs inside 3D Slicer's process, whose rendering must stay as the application set it up.
 """
+
 from __future__ import annotations
 
 import os
@@ -277,8 +278,13 @@ def write_qa(
     for column, name in enumerate(surfaces):
         for row, angle_name in enumerate(angles):
             sheet.paste(Image.fromarray(tiles[name, angle_name]), (column * size, label_px + row * size))
-        draw.text((column * size + size // 2, label_px // 2), name.upper(), fill=(255, 255, 255),
-                  anchor="mm", font=label_font(label_px * 2 // 3))
+        draw.text(
+            (column * size + size // 2, label_px // 2),
+            name.upper(),
+            fill=(255, 255, 255),
+            anchor="mm",
+            font=label_font(label_px * 2 // 3),
+        )
     draw.line([(size, label_px), (size, 2 * size + label_px)], fill=(255, 200, 0), width=2)
     summary = out_dir / "qa_before_after.png"
     sheet.save(summary)
@@ -308,5 +314,6 @@ def label_font(pixels: int):
 def _rotate(vector: np.ndarray, axis: np.ndarray, angle: float) -> np.ndarray:
     """Rodrigues' rotation of ``vector`` about the unit ``axis`` by ``angle`` radians (right-handed)."""
     axis = axis / np.linalg.norm(axis)
-    return (vector * np.cos(angle) + np.cross(axis, vector) * np.sin(angle)
-            + axis * (axis @ vector) * (1 - np.cos(angle)))
+    return (
+        vector * np.cos(angle) + np.cross(axis, vector) * np.sin(angle) + axis * (axis @ vector) * (1 - np.cos(angle))
+    )

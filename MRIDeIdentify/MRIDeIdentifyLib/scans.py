@@ -5,6 +5,7 @@ some participants and sessions (the BIDS-app ``--participant-label`` and ``--ses
 images are counted as skipped, by BIDS suffix. Any other folder contributes every image file under it and
 one scan per image series of each folder holding DICOM files.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,8 +25,11 @@ _SUFFIX = re.compile(r"_([A-Za-z0-9]+)$")
 
 def is_bids(root: Path) -> bool:
     """Whether ``root`` is laid out as a BIDS dataset (a description file or ``sub-*/[ses-*/]anat`` folders)."""
-    return (root / "dataset_description.json").is_file() or any(root.glob("sub-*/anat")) \
+    return (
+        (root / "dataset_description.json").is_file()
+        or any(root.glob("sub-*/anat"))
         or any(root.glob("sub-*/ses-*/anat"))
+    )
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,10 @@ def inventory(root: Path, participants: Sequence[str] = (), sessions: Sequence[s
     if is_bids(root):
         return _bids_inventory(root, _labels(participants, "sub-"), _labels(sessions, "ses-"))
     if participants or sessions:
-        raise InputError(f"{root}: --participant-label and --session-label select from a BIDS dataset, and this "
-                         "folder is not one (no dataset_description.json, no sub-*/anat)")
+        raise InputError(
+            f"{root}: --participant-label and --session-label select from a BIDS dataset, and this "
+            "folder is not one (no dataset_description.json, no sub-*/anat)"
+        )
     return Inventory(_folder_scans(root), False)
 
 
@@ -85,15 +91,23 @@ def _labels(labels: Sequence[str], prefix: str) -> List[str]:
 
 
 def _bids_inventory(root: Path, participants: List[str], sessions: List[str]) -> Inventory:
-    images = sorted(p for pattern in _BIDS_PATTERNS for p in root.glob(pattern)
-                    if p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.startswith("."))
+    images = sorted(
+        p
+        for pattern in _BIDS_PATTERNS
+        for p in root.glob(pattern)
+        if p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.startswith(".")
+    )
     for label, depth, flag in ((participants, 0, "--participant-label"), (sessions, 1, "--session-label")):
         present = {p.relative_to(root).parts[depth] for p in images}
         missing = [name for name in label if name not in present]
         if missing:
             raise InputError(f"{root}: {flag} {' '.join(missing)}: not in this dataset")
-    selected = [p for p in images if (not participants or p.relative_to(root).parts[0] in participants)
-                and (not sessions or p.relative_to(root).parts[1] in sessions)]
+    selected = [
+        p
+        for p in images
+        if (not participants or p.relative_to(root).parts[0] in participants)
+        and (not sessions or p.relative_to(root).parts[1] in sessions)
+    ]
     scans: List[Scan] = []
     skipped: Counter[str] = Counter()
     for path in selected:
@@ -125,6 +139,7 @@ def _series_scans(folder: Path) -> List[Scan]:
     """One scan per image series of a DICOM folder (its subfolders included, as the reader searches them),
     largest first."""
     from .dicom import list_series
+
     try:
         series = list_series(folder)
     except InputError:

@@ -4,6 +4,7 @@
 ``onescan.run_one`` and ``pipeline.deidentify`` read it. This module imports neither torch nor SimpleITK, so
 a front end can build settings (and show the defaults) before the heavy engine is loaded.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,11 @@ class Settings:
     @classmethod
     def from_namespace(cls, namespace: Any) -> "Settings":
         """Settings from an argparse namespace (or any object): attributes it lacks or leaves None keep the default."""
-        given = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
-                 if getattr(namespace, f.name, None) is not None}
+        given = {
+            f.name: getattr(namespace, f.name)
+            for f in dataclasses.fields(cls)
+            if getattr(namespace, f.name, None) is not None
+        }
         return cls(**given)
 
     def replace(self, **changes: Any) -> "Settings":

@@ -9,6 +9,7 @@ Inside/outside comes from VTK's scan-line voxelisation of the closed mesh; dista
 surface, where the skin is drawn (nearest of dense samples of the triangles), and Euclidean distance transforms of
 the voxelised surface further away, where only a clipped value is needed.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -21,10 +22,17 @@ from scipy.spatial import cKDTree
 DEFAULT_CLIP_MM = 20.0
 
 
-def signed_distance(vertices: np.ndarray, triangles: np.ndarray, reference: sitk.Image, *,
-                    spheres: Optional[Tuple[np.ndarray, float]] = None, spacing_mm: float = 2.0,
-                    clip_mm: float = DEFAULT_CLIP_MM, union: Optional[sitk.Image] = None,
-                    union_mm: float = 8.0) -> np.ndarray:
+def signed_distance(
+    vertices: np.ndarray,
+    triangles: np.ndarray,
+    reference: sitk.Image,
+    *,
+    spheres: Optional[Tuple[np.ndarray, float]] = None,
+    spacing_mm: float = 2.0,
+    clip_mm: float = DEFAULT_CLIP_MM,
+    union: Optional[sitk.Image] = None,
+    union_mm: float = 8.0,
+) -> np.ndarray:
     """Signed distance (mm, negative inside, clipped to +-``clip_mm``) to the closed surface, on ``reference``'s
     grid: float32 KJI array of ``reference``'s size. ``vertices`` (V, 3) LPS mm; ``triangles`` (T, 3) indices of
     a closed, consistently oriented mesh; ``spheres`` = (centres (N, 3) mm, radius mm) united with the mesh.
@@ -37,21 +45,25 @@ def signed_distance(vertices: np.ndarray, triangles: np.ndarray, reference: sitk
     if shape is None:
         return np.full(reference.GetSize()[::-1], clip_mm, np.float32)
     inside = _voxelise(vertices, triangles, origin, shape, spacing_mm)
-    axes = [origin[a] + spacing_mm * np.arange(shape[2 - a]) for a in range(3)]   # x, y, z centres
+    axes = [origin[a] + spacing_mm * np.arange(shape[2 - a]) for a in range(3)]  # x, y, z centres
     if spheres is not None:
         centres, radius = spheres
         for centre in np.atleast_2d(centres):
-            d2 = ((axes[0] - centre[0])[None, None, :] ** 2 + (axes[1] - centre[1])[None, :, None] ** 2
-                  + (axes[2] - centre[2])[:, None, None] ** 2)
-            inside |= d2 <= radius ** 2
+            d2 = (
+                (axes[0] - centre[0])[None, None, :] ** 2
+                + (axes[1] - centre[1])[None, :, None] ** 2
+                + (axes[2] - centre[2])[:, None, None] ** 2
+            )
+            inside |= d2 <= radius**2
     if clip_mm > 4.0 * spacing_mm:
         distance = _distance(inside, spacing_mm, clip_mm)
         band = np.abs(distance) < 2.0 * spacing_mm
     else:
         # Only a shell is wanted (the native skin): the sign everywhere, exact distances within the clip.
         distance = np.where(inside, -clip_mm, clip_mm).astype(np.float32)
-        band = ndimage.binary_dilation(inside ^ ndimage.binary_erosion(inside),
-                                       iterations=int(np.ceil(clip_mm / spacing_mm)))
+        band = ndimage.binary_dilation(
+            inside ^ ndimage.binary_erosion(inside), iterations=int(np.ceil(clip_mm / spacing_mm))
+        )
     # Exact distances near the surface, where the skin is drawn: nearest point of a dense sampling of the
     # triangles (and the spheres' analytic distance).
     k, j, i = np.nonzero(band)
@@ -70,8 +82,9 @@ def signed_distance(vertices: np.ndarray, triangles: np.ndarray, reference: sitk
     image.SetOrigin(tuple(float(v) for v in origin))
     image.SetSpacing((spacing_mm,) * 3)
     if union is not None:
-        other = sitk.GetArrayFromImage(sitk.Resample(union, image, sitk.Transform(), sitk.sitkLinear, clip_mm,
-                                                     sitk.sitkFloat32))
+        other = sitk.GetArrayFromImage(
+            sitk.Resample(union, image, sitk.Transform(), sitk.sitkLinear, clip_mm, sitk.sitkFloat32)
+        )
         # A polynomial smooth minimum: where the two surfaces come within union_mm, a rounded fillet joins them.
         blend = np.clip(union_mm - np.abs(distance - other), 0.0, None) / union_mm
         united = np.minimum(distance, other) - blend * blend * (union_mm / 4.0)
@@ -84,13 +97,18 @@ def signed_distance(vertices: np.ndarray, triangles: np.ndarray, reference: sitk
     return sitk.GetArrayFromImage(resampled)
 
 
-def _working_box(vertices: np.ndarray, reference: sitk.Image, spacing: float,
-                 clip: float) -> Tuple[np.ndarray, Optional[Tuple[int, int, int]]]:
+def _working_box(
+    vertices: np.ndarray, reference: sitk.Image, spacing: float, clip: float
+) -> Tuple[np.ndarray, Optional[Tuple[int, int, int]]]:
     """Origin (LPS mm) and KJI shape of the axis-aligned working grid: the surface's box widened by the clip
     distance, cut to the reference grid's physical box (nothing is computed where no output voxel lies)."""
     size = np.array(reference.GetSize())
-    corners = np.array([reference.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
-                        for corner in np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in size])).reshape(3, -1).T])
+    corners = np.array(
+        [
+            reference.TransformContinuousIndexToPhysicalPoint([float(c) for c in corner])
+            for corner in np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in size])).reshape(3, -1).T
+        ]
+    )
     low = np.maximum(vertices.min(0) - clip - 2 * spacing, corners.min(0))
     high = np.minimum(vertices.max(0) + clip + 2 * spacing, corners.max(0))
     if np.any(high <= low):
@@ -99,8 +117,9 @@ def _working_box(vertices: np.ndarray, reference: sitk.Image, spacing: float,
     return low, (int(counts[2]), int(counts[1]), int(counts[0]))
 
 
-def _voxelise(vertices: np.ndarray, triangles: np.ndarray, origin: np.ndarray, shape: Tuple[int, int, int],
-              spacing: float) -> np.ndarray:
+def _voxelise(
+    vertices: np.ndarray, triangles: np.ndarray, origin: np.ndarray, shape: Tuple[int, int, int], spacing: float
+) -> np.ndarray:
     """bool KJI mask of the working grid's voxel centres inside the closed mesh (VTK scan-line stencil)."""
     import vtk
     from vtk.util import numpy_support
@@ -109,8 +128,10 @@ def _voxelise(vertices: np.ndarray, triangles: np.ndarray, origin: np.ndarray, s
     points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(vertices), deep=True))
     cells = vtk.vtkCellArray()
     offsets = np.arange(0, 3 * len(triangles) + 1, 3, dtype=np.int64)
-    cells.SetData(numpy_support.numpy_to_vtkIdTypeArray(offsets, deep=True),
-                  numpy_support.numpy_to_vtkIdTypeArray(np.ascontiguousarray(triangles, np.int64).ravel(), deep=True))
+    cells.SetData(
+        numpy_support.numpy_to_vtkIdTypeArray(offsets, deep=True),
+        numpy_support.numpy_to_vtkIdTypeArray(np.ascontiguousarray(triangles, np.int64).ravel(), deep=True),
+    )
     mesh = vtk.vtkPolyData()
     mesh.SetPoints(points)
     mesh.SetPolys(cells)
@@ -132,10 +153,8 @@ def _voxelise(vertices: np.ndarray, triangles: np.ndarray, origin: np.ndarray, s
 def _distance(inside: np.ndarray, spacing: float, clip: float) -> np.ndarray:
     """Approximate signed distance (mm) from a voxelised solid: distance transforms on both sides, measured
     between voxel centres, so half a voxel is taken off to put the surface between the two classes."""
-    outside = ndimage.distance_transform_edt(~inside, sampling=spacing) if inside.any() else \
-        np.full(inside.shape, clip)
-    inner = ndimage.distance_transform_edt(inside, sampling=spacing) if (~inside).any() else \
-        np.full(inside.shape, clip)
+    outside = ndimage.distance_transform_edt(~inside, sampling=spacing) if inside.any() else np.full(inside.shape, clip)
+    inner = ndimage.distance_transform_edt(inside, sampling=spacing) if (~inside).any() else np.full(inside.shape, clip)
     signed = np.where(inside, -(inner - spacing / 2), outside - spacing / 2)
     return np.clip(signed, -clip, clip).astype(np.float32)
 
@@ -143,8 +162,9 @@ def _distance(inside: np.ndarray, spacing: float, clip: float) -> np.ndarray:
 def _surface_samples(vertices: np.ndarray, triangles: np.ndarray, step: float) -> np.ndarray:
     """Points (N, 3) covering every triangle on a barycentric lattice whose spacing is at most ``step`` mm."""
     a, b, c = (vertices[triangles[:, n]] for n in range(3))
-    longest = np.max([np.linalg.norm(b - a, axis=1), np.linalg.norm(c - b, axis=1),
-                      np.linalg.norm(a - c, axis=1)], axis=0)
+    longest = np.max(
+        [np.linalg.norm(b - a, axis=1), np.linalg.norm(c - b, axis=1), np.linalg.norm(a - c, axis=1)], axis=0
+    )
     levels = np.maximum(1, np.ceil(longest / step).astype(int))
     samples = [vertices]
     for n in np.unique(levels):
@@ -153,8 +173,9 @@ def _surface_samples(vertices: np.ndarray, triangles: np.ndarray, step: float) -
         keep = (u + v) <= n
         u, v = u[keep] / n, v[keep] / n
         aa, bb, cc = a[chosen], b[chosen], c[chosen]
-        samples.append((aa[:, None] + u[None, :, None] * (bb - aa)[:, None]
-                        + v[None, :, None] * (cc - aa)[:, None]).reshape(-1, 3))
+        samples.append(
+            (aa[:, None] + u[None, :, None] * (bb - aa)[:, None] + v[None, :, None] * (cc - aa)[:, None]).reshape(-1, 3)
+        )
     return np.concatenate(samples)
 
 
@@ -169,8 +190,9 @@ RIM_VOXELS = 1.5
 SKIN_LAYER_MM = (2.0, 4.0)
 
 
-def draw_skin(values: np.ndarray, distance: np.ndarray, spacing: Tuple[float, ...], air: float,
-              tissue: float) -> np.ndarray:
+def draw_skin(
+    values: np.ndarray, distance: np.ndarray, spacing: Tuple[float, ...], air: float, tissue: float
+) -> np.ndarray:
     """``values`` (float32 KJI, modified in place and returned) given the skin ``distance`` describes (signed,
     mm, same grid; ``spacing`` in mm): at least ``tissue`` in the skin layer under the surface, then faded into
     ``air`` across a linear partial-volume rim RIM_VOXELS native voxels wide centred on the surface."""
@@ -178,8 +200,9 @@ def draw_skin(values: np.ndarray, distance: np.ndarray, spacing: Tuple[float, ..
     rim = RIM_VOXELS * float(max(spacing))
     # The layer is full to at least the rim's inner edge, so the skin reaches the tissue level on coarse grids too.
     full = max(SKIN_LAYER_MM[0], rim)
-    layer = np.clip((full + SKIN_LAYER_MM[1] - SKIN_LAYER_MM[0] - depth) / (SKIN_LAYER_MM[1] - SKIN_LAYER_MM[0]),
-                    0.0, 1.0)
+    layer = np.clip(
+        (full + SKIN_LAYER_MM[1] - SKIN_LAYER_MM[0] - depth) / (SKIN_LAYER_MM[1] - SKIN_LAYER_MM[0]), 0.0, 1.0
+    )
     np.maximum(values, air + layer * (tissue - air), out=values)
     weight = np.clip(0.5 - distance / rim, 0.0, 1.0)
     values -= air

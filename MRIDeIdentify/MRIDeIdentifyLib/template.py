@@ -5,6 +5,7 @@ used): ``pydeface/data/mean_reg2mean.nii.gz``, a T1 average of several heads wit
 and ``pydeface/data/facemask.nii.gz`` on the same grid (1 = keep, 0 = face, as pydeface multiplies it in).
 An average face identifies no one, which is what makes it a legal replacement at run time.
 """
+
 from __future__ import annotations
 
 import functools

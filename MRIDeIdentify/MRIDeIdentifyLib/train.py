@@ -12,6 +12,7 @@ generator step with the R-LSGAN losses. The checkpoint
 holds both networks, their optimisers, the generator's EMA, the step and the configs; a step's randomness is a
 function of (seed, step, rank), so a resumed run continues exactly as an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,18 @@ from .augment import augment
 from .settings import DEFAULT_FACETS, DEFAULT_MARGIN_MM, DEFAULT_ROTATIONS
 from .devices import DEVICE_CHOICES, resolve_device
 from .errors import PROG, OneLineParser
-from .model import (Discriminator, Generator, ModelConfig, blend, discriminator_loss, gamma_pyramid,
-                    generator_loss, noise, pyramid, save_generator)
+from .model import (
+    Discriminator,
+    Generator,
+    ModelConfig,
+    blend,
+    discriminator_loss,
+    gamma_pyramid,
+    generator_loss,
+    noise,
+    pyramid,
+    save_generator,
+)
 
 
 @dataclass
@@ -59,11 +70,11 @@ class TrainConfig:
 
     data: str = ""
     out: str = "runs/cdeidgan"
-    checkpoint: str = ""            # default: OUT/checkpoint.pt
+    checkpoint: str = ""  # default: OUT/checkpoint.pt
     size: int = 64
     block: str = "dense"
     steps: int = 2000
-    batch: int = 1                  # per process
+    batch: int = 1  # per process
     lr: float = 2e-3
     betas: Tuple[float, float] = (0.0, 0.99)
     ema: float = 0.999
@@ -79,12 +90,13 @@ class TrainConfig:
     image_every: int = 100
     checkpoint_minutes: float = 5.0
     device: str = "auto"
-    threads: int = 0                # torch CPU threads; 0 = torch's default
+    threads: int = 0  # torch CPU threads; 0 = torch's default
     init_from: str = ""
-    minutes: float = 0.0            # stop (with a checkpoint) after this many minutes of this invocation; 0 = no limit
+    minutes: float = 0.0  # stop (with a checkpoint) after this many minutes of this invocation; 0 = no limit
 
 
 # ---------------------------------------------------------------------------------------------------- data
+
 
 @dataclass
 class Head:
@@ -97,8 +109,14 @@ class Head:
     skin: np.ndarray
 
 
-def preprocess(path: Path, size: int, margin_mm: float, device: torch.device | str = "cpu",
-               brain_cache: Optional[Path] = None, series: Optional[str] = None) -> Head:
+def preprocess(
+    path: Path,
+    size: int,
+    margin_mm: float,
+    device: torch.device | str = "cpu",
+    brain_cache: Optional[Path] = None,
+    series: Optional[str] = None,
+) -> Head:
     """Read a scan and put it on its model grid exactly as the ``remodel`` method does (brain dilated by the margin).
 
     ``brain_cache``: an .npz file keeping the dilated brain mask on the scan's own grid, so that building the
@@ -128,8 +146,9 @@ def preprocess(path: Path, size: int, margin_mm: float, device: torch.device | s
     return Head(Scan(path, series).name, volume, cube_brain, skin)
 
 
-def fit_skin(image: sitk.Image, head: np.ndarray, grid, volume: np.ndarray,
-             brain: np.ndarray) -> Tuple[np.ndarray, float]:
+def fit_skin(
+    image: sitk.Image, head: np.ndarray, grid, volume: np.ndarray, brain: np.ndarray
+) -> Tuple[np.ndarray, float]:
     """The face prior fitted to a training head's own skin (pose and identity weights, on the part of the face
     in its field of view), as the signed distance (mm) the generator is conditioned on, and the fit's median
     distance (mm). The same placement, skin and scalp rules as ``remodel`` apply, so the generator learns on
@@ -161,8 +180,14 @@ def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Hea
                 continue
             print(f"preprocessing {scan.name}", file=sys.stderr)
             try:
-                head = preprocess(scan.path, config.size, config.margin_mm, device,
-                                  cache / f"{scan.name}.brain.m{config.margin_mm:g}.npz", scan.series)
+                head = preprocess(
+                    scan.path,
+                    config.size,
+                    config.margin_mm,
+                    device,
+                    cache / f"{scan.name}.brain.m{config.margin_mm:g}.npz",
+                    scan.series,
+                )
             except Exception as error:  # one unusable scan must not stop a run over a whole dataset
                 reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
                 print(f"skipping {scan.name}: {reason}", file=sys.stderr)
@@ -182,8 +207,9 @@ def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Hea
     return heads
 
 
-def make_batch(heads: List[Head], config: TrainConfig, model_config: ModelConfig, generator: torch.Generator,
-               device: torch.device) -> Dict[str, object]:
+def make_batch(
+    heads: List[Head], config: TrainConfig, model_config: ModelConfig, generator: torch.Generator, device: torch.device
+) -> Dict[str, object]:
     """``config.batch`` random heads, augmented, with the conditioning built on each exactly as inference builds
     it (modelinputs): the inputs of :func:`train_step`."""
     from .modelinputs import condition, model_inputs
@@ -196,7 +222,7 @@ def make_batch(heads: List[Head], config: TrainConfig, model_config: ModelConfig
         skin = torch.from_numpy(head.skin)
         if config.augment:
             volume, brain, skin = augment(volume, brain, skin, generator)
-        seed = int(torch.randint(2 ** 31 - 1, (1,), generator=generator))
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
         inputs = model_inputs(volume, brain, seed=seed, rotations=config.rotations, facets=config.facets)
         gammas.append(condition(inputs.gamma, skin))
         volumes.append(volume)
@@ -205,15 +231,27 @@ def make_batch(heads: List[Head], config: TrainConfig, model_config: ModelConfig
     b = torch.stack(brains)[:, None].to(device=device, dtype=torch.float32)
     gamma = torch.stack(gammas).to(device)
     n = model_config.n_blocks
-    return {"reals": pyramid(x, n), "fractions": pyramid(b, n), "gammas": gamma_pyramid(gamma, n, generator),
-            "noise": noise(config.batch, generator, device)}
+    return {
+        "reals": pyramid(x, n),
+        "fractions": pyramid(b, n),
+        "gammas": gamma_pyramid(gamma, n, generator),
+        "noise": noise(config.batch, generator, device),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- step
 
-def train_step(generator: torch.nn.Module, discriminator: torch.nn.Module, opt_g: torch.optim.Optimizer,
-               opt_d: torch.optim.Optimizer, batch: Dict[str, object], recon_weight: float,
-               autocast=nullcontext, adversarial: bool = True) -> Dict[str, float]:
+
+def train_step(
+    generator: torch.nn.Module,
+    discriminator: torch.nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    batch: Dict[str, object],
+    recon_weight: float,
+    autocast=nullcontext,
+    adversarial: bool = True,
+) -> Dict[str, float]:
     """One discriminator step then one generator step on ``batch`` (the generator step alone when not
     ``adversarial``); returns the losses.
 
@@ -275,12 +313,12 @@ def grow(generator: Generator, g_ema: Generator, smaller: dict) -> None:
     starts as the smaller one's output upsampled by nearest neighbour and learns only the added detail.
     """
     old = ModelConfig.from_dict(smaller["model_config"])
-    if generator.config.g_widths[:old.n_blocks] != old.g_widths or generator.config.block != old.block:
+    if generator.config.g_widths[: old.n_blocks] != old.g_widths or generator.config.block != old.block:
         raise SystemExit("--init-from: the smaller model's blocks do not match this model's coarse blocks")
     for net, key in ((generator, "g"), (g_ema, "g_ema")):
         net.load_state_dict(_widen_inputs(smaller[key], net.state_dict()), strict=False)
         with torch.no_grad():
-            for block in net.blocks[old.n_blocks:]:
+            for block in net.blocks[old.n_blocks :]:
                 last = block.body[-1]
                 last.weight.zero_()
                 last.bias.zero_()
@@ -293,15 +331,22 @@ def _widen_inputs(old: dict, new: dict) -> dict:
     widened = {}
     for key, value in old.items():
         target = new.get(key)
-        if target is not None and value.dim() == 5 and value.shape[1] < target.shape[1] \
-                and value.shape[0] == target.shape[0] and value.shape[2:] == target.shape[2:]:
-            value = torch.cat([value, value.new_zeros((value.shape[0], target.shape[1] - value.shape[1])
-                                                      + tuple(value.shape[2:]))], 1)
+        if (
+            target is not None
+            and value.dim() == 5
+            and value.shape[1] < target.shape[1]
+            and value.shape[0] == target.shape[0]
+            and value.shape[2:] == target.shape[2:]
+        ):
+            value = torch.cat(
+                [value, value.new_zeros((value.shape[0], target.shape[1] - value.shape[1]) + tuple(value.shape[2:]))], 1
+            )
         widened[key] = value
     return widened
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
+
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temporary file, then rename: a run killed mid-write keeps its previous checkpoint."""
@@ -323,9 +368,15 @@ def export(checkpoint: Path, weights: Path) -> str:
     generator = Generator(model_config)
     generator.load_state_dict(state["g_ema"])
     phases = list(state.get("phases", [])) + [phase_summary(state)]
-    extra = {"training": {"steps": sum(p["steps"] for p in phases),
-                          "wall_seconds": round(sum(p["wall_seconds"] for p in phases), 1),
-                          "hardware": state.get("hardware", ""), "config": state["train_config"], "phases": phases}}
+    extra = {
+        "training": {
+            "steps": sum(p["steps"] for p in phases),
+            "wall_seconds": round(sum(p["wall_seconds"] for p in phases), 1),
+            "hardware": state.get("hardware", ""),
+            "config": state["train_config"],
+            "phases": phases,
+        }
+    }
     return save_generator(generator, weights, extra)
 
 
@@ -333,13 +384,21 @@ def phase_summary(state: dict) -> dict:
     """One training run (phase) of a checkpoint, as the model card lists it."""
     config = state["train_config"]
     history = state["history"]
-    return {"size": state["model_config"]["size"], "steps": state["step"],
-            "wall_seconds": round(state["wall_seconds"], 1), "hardware": state.get("hardware", ""),
-            "adversarial": config.get("adversarial", True), "recon_weight": config["recon_weight"],
-            "lr": config["lr"], "betas": list(config["betas"]), "last_losses": history[-1] if history else {}}
+    return {
+        "size": state["model_config"]["size"],
+        "steps": state["step"],
+        "wall_seconds": round(state["wall_seconds"], 1),
+        "hardware": state.get("hardware", ""),
+        "adversarial": config.get("adversarial", True),
+        "recon_weight": config["recon_weight"],
+        "lr": config["lr"],
+        "betas": list(config["betas"]),
+        "last_losses": history[-1] if history else {},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- main
+
 
 def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespace]:
     defaults = TrainConfig()
@@ -348,21 +407,37 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespa
     parser.add_argument("--out", default=defaults.out, help="run folder: cache, TensorBoard events, checkpoint")
     parser.add_argument("--checkpoint", default="", help="checkpoint file (default OUT/checkpoint.pt)")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
-    parser.add_argument("--export", metavar="WEIGHTS", help="write the checkpoint's EMA generator to WEIGHTS "
-                        "(.safetensors, with a .json beside it) and exit")
+    parser.add_argument(
+        "--export",
+        metavar="WEIGHTS",
+        help="write the checkpoint's EMA generator to WEIGHTS (.safetensors, with a .json beside it) and exit",
+    )
     parser.add_argument("--exclude", nargs="*", default=[], help="scan name prefixes kept out of training")
-    parser.add_argument("--betas", nargs=2, type=float, default=list(defaults.betas), metavar=("B1", "B2"),
-                        help="Adam(P) betas (default: the paper's 0 0.99)")
+    parser.add_argument(
+        "--betas",
+        nargs=2,
+        type=float,
+        default=list(defaults.betas),
+        metavar=("B1", "B2"),
+        help="Adam(P) betas (default: the paper's 0 0.99)",
+    )
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("data", "out", "checkpoint", "exclude", "betas"):
             continue
         kind = type(getattr(defaults, f.name))
         if kind is bool:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction,
-                                default=getattr(defaults, f.name))
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                action=argparse.BooleanOptionalAction,
+                default=getattr(defaults, f.name),
+            )
         else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name),
-                                choices=DEVICE_CHOICES if f.name == "device" else None)
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                type=kind,
+                default=getattr(defaults, f.name),
+                choices=DEVICE_CHOICES if f.name == "device" else None,
+            )
     args = parser.parse_args(argv)
     if not args.data and not args.export:
         parser.error("--data is required for training")
@@ -398,8 +473,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         state = load_checkpoint(checkpoint_path)
         saved = dict(state["train_config"])
         # Resuming continues the saved run; only the stopping point and the bookkeeping may change.
-        for key in ("steps", "minutes", "log_every", "image_every", "checkpoint_minutes", "device", "threads", "data", "out",
-                    "checkpoint"):
+        for key in (
+            "steps",
+            "minutes",
+            "log_every",
+            "image_every",
+            "checkpoint_minutes",
+            "device",
+            "threads",
+            "data",
+            "out",
+            "checkpoint",
+        ):
             saved[key] = getattr(config, key)
         saved["betas"] = tuple(saved["betas"])
         saved["exclude"] = tuple(saved["exclude"])
@@ -431,33 +516,46 @@ def main(argv: Optional[List[str]] = None) -> int:
         ids = [local_rank] if device.type == "cuda" else None
         g_train = DistributedDataParallel(generator, device_ids=ids)
         d_train = DistributedDataParallel(discriminator, device_ids=ids)
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
 
     writer = None
     if master:
         from torch.utils.tensorboard import SummaryWriter
+
         writer = SummaryWriter(str(Path(config.out) / "tensorboard" / f"s{config.size}"), purge_step=step or None)
         print(f"{len(heads)} training heads: {', '.join(h.name for h in heads)}", file=sys.stderr)
     from tqdm import tqdm
+
     bar = tqdm(total=config.steps, initial=step, disable=not master, dynamic_ncols=True)
 
     def checkpoint() -> None:
-        save_checkpoint(checkpoint_path, {
-            "g": generator.state_dict(), "d": discriminator.state_dict(), "g_ema": g_ema.state_dict(),
-            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "wall_seconds": wall,
-            "history": history, "phases": phases, "model_config": model_config.to_dict(),
-            "train_config": dataclasses.asdict(config), "hardware": _hardware(device, ddp)})
+        save_checkpoint(
+            checkpoint_path,
+            {
+                "g": generator.state_dict(),
+                "d": discriminator.state_dict(),
+                "g_ema": g_ema.state_dict(),
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+                "step": step,
+                "wall_seconds": wall,
+                "history": history,
+                "phases": phases,
+                "model_config": model_config.to_dict(),
+                "train_config": dataclasses.asdict(config),
+                "hardware": _hardware(device, ddp),
+            },
+        )
 
     last_save = invoked = time.time()
     running: Dict[str, float] = {}
-    window = 0      # steps summed in ``running`` (fewer than log_every right after a resume)
+    window = 0  # steps summed in ``running`` (fewer than log_every right after a resume)
     while step < config.steps:
         start = time.time()
         # A step's randomness depends only on (seed, step, rank): exact resume without saving RNG states.
         rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + rank)
         batch = make_batch(heads, config, model_config, rng, device)
-        losses = train_step(g_train, d_train, opt_g, opt_d, batch, config.recon_weight, autocast,
-                            config.adversarial)
+        losses = train_step(g_train, d_train, opt_g, opt_d, batch, config.recon_weight, autocast, config.adversarial)
         update_ema(g_ema, generator, config.ema, step)
         step += 1
         wall += time.time() - start

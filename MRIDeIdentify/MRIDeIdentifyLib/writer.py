@@ -5,6 +5,7 @@ only when complete, so a failure leaves nothing half-written and never touches t
 from metadata-free SimpleITK images: no header field of the input (NIfTI descrip/aux_file/intent_name,
 extensions, NRRD key/values, MGH tags) is carried over, only the geometry and the de-identification marker.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,7 @@ class OutputSet:
         folder = destination.parent.resolve()
         if folder not in self._staging:
             folder.mkdir(parents=True, exist_ok=True)
-            with _signals_deferred():   # a staging folder made is a staging folder recorded, so it is removed
+            with _signals_deferred():  # a staging folder made is a staging folder recorded, so it is removed
                 self._staging[folder] = Path(tempfile.mkdtemp(prefix=".mrideidentify-", dir=folder))
         self._entries.append(folder / destination.name)
         return self._staging[folder] / destination.name
@@ -57,12 +58,16 @@ class OutputSet:
         try:
             if commit:
                 # Files a writer adds beside the one asked for (the .raw of an .mhd) go before it.
-                extra = [folder / entry.name for folder, staging in self._staging.items()
-                         for entry in sorted(staging.iterdir()) if folder / entry.name not in self._entries]
+                extra = [
+                    folder / entry.name
+                    for folder, staging in self._staging.items()
+                    for entry in sorted(staging.iterdir())
+                    if folder / entry.name not in self._entries
+                ]
                 for target in extra + self._entries[::-1]:
                     entry = self._staging[target.parent] / target.name
                     if not os.path.lexists(entry):
-                        continue   # asked for twice, or not written after all
+                        continue  # asked for twice, or not written after all
                     if target.is_dir() and not target.is_symlink():
                         shutil.rmtree(target)
                     os.replace(entry, target)
@@ -82,7 +87,7 @@ def _signals_deferred() -> Iterator[None]:
     caught: List[int] = []
     held = (signal.SIGINT, signal.SIGTERM)
     previous = [signal.getsignal(number) for number in held]
-    if None in previous:   # a handler installed outside Python: leave it alone
+    if None in previous:  # a handler installed outside Python: leave it alone
         yield
         return
     for number in held:
@@ -136,6 +141,7 @@ def write_image(image: sitk.Image, target: Path, marker: str) -> None:
 
 def _write_mgh(image: sitk.Image, target: Path) -> None:
     import nibabel as nib
+
     data = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
     allowed = (np.uint8, np.int16, np.int32, np.float32)
     if data.dtype.type not in allowed:

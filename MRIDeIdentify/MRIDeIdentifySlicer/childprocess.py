@@ -8,6 +8,7 @@ temporary files that keep the grid and the voxel type exactly; it appends one JS
 interpreter the ``PythonSlicer`` launcher started) at once; the results are read back by the caller, in the main
 thread, once the child has finished. Nothing here touches a node: ``nodes.py`` does that.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,7 @@ from typing import Any, Dict, List, NamedTuple, Optional
 from . import worker
 from .messages import inPanelTerms
 
-PACKAGE_PARENT = Path(__file__).resolve().parents[1]   # the module's folder: the child imports both packages from it
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the module's folder: the child imports both packages from it
 
 
 class ChildResult(NamedTuple):
@@ -58,12 +59,13 @@ class ChildRun:
         self.stage, self.fraction = "starting", 0.0
         self.events: List[Dict[str, Any]] = []
         self.cancelled = False
-        self.ended: Optional[float] = None   # when the process was seen to have ended (perf_counter)
+        self.ended: Optional[float] = None  # when the process was seen to have ended (perf_counter)
         self._offset = 0
 
     @classmethod
-    def start(cls, image, method: Optional[str], settings: Dict[str, Any], brainMask=None,
-              python: Optional[str] = None) -> "ChildRun":
+    def start(
+        cls, image, method: Optional[str], settings: Dict[str, Any], brainMask=None, python: Optional[str] = None
+    ) -> "ChildRun":
         """Write ``image`` (and ``brainMask``, SimpleITK images) and ``settings`` (``pipeline.deidentify``'s
         keyword arguments: margin_mm, seed, device, options) to a new temporary folder and start the child."""
         import SimpleITK as sitk
@@ -73,14 +75,23 @@ class ChildRun:
             sitk.WriteImage(image, str(folder / worker.INPUT), useCompression=False)
             if brainMask is not None:
                 sitk.WriteImage(brainMask, str(folder / worker.BRAIN_MASK), useCompression=False)
-            job = {"method": method, "brain_mask": brainMask is not None, "settings": settings,
-                   "parent_pid": os.getpid()}
+            job = {
+                "method": method,
+                "brain_mask": brainMask is not None,
+                "settings": settings,
+                "parent_pid": os.getpid(),
+            }
             (folder / worker.JOB).write_text(json.dumps(job), encoding="utf-8")
             log = open(folder / "log.txt", "wb")
             started = time.perf_counter()
-            process = subprocess.Popen([python or pythonExecutable(), "-m", "MRIDeIdentifySlicer.worker", str(folder)],
-                                       cwd=str(PACKAGE_PARENT), stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, **_ownProcessGroup())
+            process = subprocess.Popen(
+                [python or pythonExecutable(), "-m", "MRIDeIdentifySlicer.worker", str(folder)],
+                cwd=str(PACKAGE_PARENT),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                **_ownProcessGroup(),
+            )
             log.close()
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -95,7 +106,7 @@ class ChildRun:
         with open(path, "rb") as events:
             events.seek(self._offset)
             chunk = events.read()
-        complete = chunk[: chunk.rfind(b"\n") + 1]   # a line still being written is read next time
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # a line still being written is read next time
         self._offset += len(complete)
         new = [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
         for event in new:
@@ -154,13 +165,16 @@ class ChildRun:
                 raise InputError(inPanelTerms(last["message"]))
             raise RuntimeError(f"{last['message']}\n\n{last.get('traceback', '')}")
         if last.get("event") != "done":
-            raise RuntimeError(f"The de-identification process stopped unexpectedly (exit code "
-                               f"{self.process.returncode}). Its last output:\n{self.logTail()}")
+            raise RuntimeError(
+                f"The de-identification process stopped unexpectedly (exit code "
+                f"{self.process.returncode}). Its last output:\n{self.logTail()}"
+            )
         import SimpleITK as sitk
 
         images = {name: sitk.ReadImage(str(self.folder / path)) for name, path in worker.OUTPUTS.items()}
-        return ChildResult(images["image"], images["brain_mask"], images["face_mask"], last["provenance"],
-                           last["device"])
+        return ChildResult(
+            images["image"], images["brain_mask"], images["face_mask"], last["provenance"], last["device"]
+        )
 
     def logTail(self, lines: int = 20) -> str:
         path = self.folder / "log.txt"
@@ -185,8 +199,11 @@ def _killTree(process: subprocess.Popen) -> None:
     """``PythonSlicer`` is a launcher that starts the real interpreter as its own child: ending the launcher alone
     would leave the engine running, so the whole group (POSIX) or tree (Windows) is ended."""
     if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True,
-                       creationflags=subprocess.CREATE_NO_WINDOW)
+        subprocess.run(
+            ["taskkill", "/F", "/T", "/PID", str(process.pid)],
+            capture_output=True,
+            creationflags=subprocess.CREATE_NO_WINDOW,
+        )
     else:
         try:
             os.killpg(process.pid, signal.SIGKILL)

@@ -4,6 +4,7 @@ Slicer ships numpy, scipy, SimpleITK, vtk and Pillow. PyTorch comes from the PyT
 picks a CUDA or CPU build for the computer); everything else is installed by ONE ``pip install --no-deps`` call with
 exact versions, so that pip never upgrades a package Slicer itself depends on and every install is the same.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,8 +20,8 @@ MINIMUM_TORCH_VERSION = "2.1"
 
 
 class Requirement(NamedTuple):
-    module: str   # import name
-    pip: str      # what pip installs: an exact version
+    module: str  # import name
+    pip: str  # what pip installs: an exact version
     why: str
     # Needed only on Python versions below this one (the standard library has it from there on).
     below: Tuple[int, int] = (99, 0)
@@ -42,8 +43,10 @@ REQUIREMENTS: Tuple[Requirement, ...] = (
 )
 
 PYTORCH = "PyTorch"
-PYTORCH_EXTENSION_HINT = ("MRIDeIdentify needs the PyTorch extension to install PyTorch: open View > Extensions "
-                          "Manager, install 'PyTorch', restart Slicer, then click De-identify again.")
+PYTORCH_EXTENSION_HINT = (
+    "MRIDeIdentify needs the PyTorch extension to install PyTorch: open View > Extensions "
+    "Manager, install 'PyTorch', restart Slicer, then click De-identify again."
+)
 
 
 def versionTuple(version: str) -> Tuple[int, ...]:
@@ -89,16 +92,25 @@ def question(needed: Sequence[Requirement]) -> str:
     lines = []
     if not torchReady():
         installed = torchVersion()
-        lines.append(f"- PyTorch >= {MINIMUM_TORCH_VERSION}: runs the models, on the GPU when there is one"
-                     + (f" (PyTorch {installed} is installed: it will be updated)" if installed else ""))
+        lines.append(
+            f"- PyTorch >= {MINIMUM_TORCH_VERSION}: runs the models, on the GPU when there is one"
+            + (f" (PyTorch {installed} is installed: it will be updated)" if installed else "")
+        )
     lines += [f"- {r.pip}: {r.why}" for r in needed]
-    return ("MRIDeIdentify needs these Python packages, which are not installed yet:\n" + "\n".join(lines)
-            + "\n\nDownload and install them now? PyTorch alone can take several minutes.")
+    return (
+        "MRIDeIdentify needs these Python packages, which are not installed yet:\n"
+        + "\n".join(lines)
+        + "\n\nDownload and install them now? PyTorch alone can take several minutes."
+    )
 
 
-def install(confirm: Callable[[str], bool], status: Callable[[str], None] = lambda text: None,
-            busy: Callable[[], ContextManager] = nullcontext, pipInstall: Optional[Callable[[List[str]], None]] = None,
-            torchInstaller: Optional[Callable[[str], object]] = None) -> bool:
+def install(
+    confirm: Callable[[str], bool],
+    status: Callable[[str], None] = lambda text: None,
+    busy: Callable[[], ContextManager] = nullcontext,
+    pipInstall: Optional[Callable[[List[str]], None]] = None,
+    torchInstaller: Optional[Callable[[str], object]] = None,
+) -> bool:
     """Install what is missing after one ``confirm(question)``; True when everything is there, False if declined.
 
     ``status(text)`` shows the step under way (before the long call starts); ``busy()`` wraps the long calls (the
@@ -123,13 +135,16 @@ def install(confirm: Callable[[str], bool], status: Callable[[str], None] = lamb
             try:
                 (pipInstall or _slicerPipInstall)(arguments)
             except Exception as error:
-                raise RuntimeError(f"Installing {', '.join(r.pip for r in needed)} failed ({error}). Check the "
-                                   "network connection and click De-identify again.") from error
+                raise RuntimeError(
+                    f"Installing {', '.join(r.pip for r in needed)} failed ({error}). Check the "
+                    "network connection and click De-identify again."
+                ) from error
     importlib.invalidate_caches()
     still = [r.pip for r in neededRequirements()]
     if still:
-        raise RuntimeError(f"{', '.join(still)} could not be imported after installation; restart Slicer and "
-                           "click De-identify again.")
+        raise RuntimeError(
+            f"{', '.join(still)} could not be imported after installation; restart Slicer and click De-identify again."
+        )
     forgetEngineModules()
     status("Python packages installed.")
     return True
@@ -142,13 +157,17 @@ def _installTorch(torchInstaller: Optional[Callable[[str], object]]) -> None:
         import PyTorchUtils
 
         def torchInstaller(requirement):
-            return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
-                                                                 torchVersionRequirement=requirement)
+            return PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=requirement
+            )
+
     installed = torchInstaller(requirement)
     importlib.invalidate_caches()  # the import system caches folder listings: a package just installed is new there
     if installed is None or not torchReady():
-        raise RuntimeError("PyTorch was not installed. Open the 'PyTorch Utils' module (Utilities), install "
-                           f"PyTorch {requirement} there, then click De-identify again.")
+        raise RuntimeError(
+            "PyTorch was not installed. Open the 'PyTorch Utils' module (Utilities), install "
+            f"PyTorch {requirement} there, then click De-identify again."
+        )
     if oldTorch is not None and versionTuple(str(oldTorch.__version__)) < versionTuple(MINIMUM_TORCH_VERSION):
         raise RuntimeError(f"PyTorch was updated to {torchVersion()}; restart Slicer to use it.")
 

@@ -1,5 +1,6 @@
 """Engine messages in the panel's words: the engine speaks to command-line users (``--brain-mask``, ``pip install``);
 the panel names its own controls instead."""
+
 from __future__ import annotations
 
 import re

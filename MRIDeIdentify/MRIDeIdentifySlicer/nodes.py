@@ -5,6 +5,7 @@ SimpleITK's LPS geometry (``MRIDeIdentifyLib.reader.set_ras_affine`` / ``ras_aff
 RAS/LPS convention lives in one place. Voxels are copied in KJI order with their type. A node's parent transform is
 never applied to the voxels: outputs are put under the same transform as the input instead.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -85,14 +86,17 @@ def brainMaskImage(brainMaskNode, inputVolumeNode):
     if brainMaskNode is None:
         return None
     if brainMaskNode.GetTransformNodeID() != inputVolumeNode.GetTransformNodeID():
-        raise ValueError(f"The brain mask '{brainMaskNode.GetName()}' and the input volume are under different "
-                         "transforms: harden the transforms first (Data module, right-click, Harden transform).")
+        raise ValueError(
+            f"The brain mask '{brainMaskNode.GetName()}' and the input volume are under different "
+            "transforms: harden the transforms first (Data module, right-click, Harden transform)."
+        )
     if brainMaskNode.IsA("vtkMRMLSegmentationNode"):
         scene = inputVolumeNode.GetScene()
         with _nodesAddedAreRemoved(scene):
             labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__MRIDeIdentify_brain_mask__")
             if not slicer.vtkSlicerSegmentationsModuleLogic.ExportVisibleSegmentsToLabelmapNode(
-                    brainMaskNode, labelmap, inputVolumeNode):
+                brainMaskNode, labelmap, inputVolumeNode
+            ):
                 raise ValueError(f"The segmentation '{brainMaskNode.GetName()}' could not be exported as a mask.")
             return imageFromVolumeNode(labelmap)
     if brainMaskNode.IsA("vtkMRMLVolumeNode"):
@@ -100,8 +104,9 @@ def brainMaskImage(brainMaskNode, inputVolumeNode):
     raise ValueError(f"'{brainMaskNode.GetName()}' is neither a segmentation nor a labelmap volume.")
 
 
-def fillSegmentation(segmentationNode, mask, referenceNode, segmentName: str, color: Tuple[float, float, float]
-                     ) -> None:
+def fillSegmentation(
+    segmentationNode, mask, referenceNode, segmentName: str, color: Tuple[float, float, float]
+) -> None:
     """Replace the segments of ``segmentationNode`` by one segment from ``mask`` (uint8 image on the reference grid),
     placed where the reference volume is, parent transform included."""
     scene = referenceNode.GetScene()

@@ -7,6 +7,7 @@ noise for a 12-bit one. Its scalar axis is therefore mapped onto the scan's own 
 the engine's head threshold (the skin level), its bright-tissue point onto the scan's bright tissue. The views'
 linking is put back as it was when the layout is changed away from the dual 3-D view.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -76,9 +77,11 @@ def _mapPoints(function, mapping, width: int) -> None:
 def transferFunctionPoints(propertyNode) -> Dict[str, List[List[float]]]:
     """The scalar opacity, gradient opacity and colour points of a volume property node (to compare two views)."""
     volumeProperty = propertyNode.GetVolumeProperty()
-    return {"opacity": _points(volumeProperty.GetScalarOpacity(), 4),
-            "gradient": _points(volumeProperty.GetGradientOpacity(), 4),
-            "colour": _points(volumeProperty.GetRGBTransferFunction(), 6)}
+    return {
+        "opacity": _points(volumeProperty.GetScalarOpacity(), 4),
+        "gradient": _points(volumeProperty.GetGradientOpacity(), 4),
+        "colour": _points(volumeProperty.GetRGBTransferFunction(), 6),
+    }
 
 
 class BeforeAfterViews:

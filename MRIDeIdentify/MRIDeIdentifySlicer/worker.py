@@ -7,6 +7,7 @@ which holds Python's lock while Qt idles, is another process. Each event is one 
 ``output.mha``, ``brain_mask_out.mha`` and ``face_mask.mha`` before ``done``. MetaImage keeps the grid to the last bit
 and every voxel type. Nothing here imports Slicer.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ OUTPUTS = {"image": "output.mha", "brain_mask": "brain_mask_out.mha", "face_mask
 def main(argv: List[str]) -> int:
     folder = Path(argv[0])
     with open(folder / EVENTS, "a", encoding="utf-8") as events:
+
         def emit(event: str, **fields: Any) -> None:
             events.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
             events.flush()
@@ -45,8 +47,13 @@ def main(argv: List[str]) -> int:
         try:
             image = sitk.ReadImage(str(folder / INPUT))
             brain = sitk.ReadImage(str(folder / BRAIN_MASK)) if job["brain_mask"] else None
-            result = deidentify(image, job["method"], brain_mask=brain, **job["settings"],
-                                progress=lambda stage, fraction: emit("progress", stage=stage, fraction=fraction))
+            result = deidentify(
+                image,
+                job["method"],
+                brain_mask=brain,
+                **job["settings"],
+                progress=lambda stage, fraction: emit("progress", stage=stage, fraction=fraction),
+            )
             for name, path in OUTPUTS.items():
                 sitk.WriteImage(getattr(result, name), str(folder / path), useCompression=False)
         except InputError as error:

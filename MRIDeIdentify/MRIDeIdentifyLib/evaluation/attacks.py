@@ -11,6 +11,7 @@ and rank the gallery by distance. :func:`rank_scores` turns those distances into
   (nose, eyes, mouth, chin) is the identity attack; a rigid ICP on a large region (forehead to chin) measures
   how much head shape leaks (``FEATURES`` and ``LARGE``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -101,9 +102,12 @@ def region_points(surface, frame: HeadFrame, region: Region, margin_mm: float = 
 
     points = vtk_to_numpy(surface.GetPoints().GetData()).astype(np.float64)
     local = frame.local(points)
-    inside = ((np.abs(local[:, 0]) < region.lateral + margin_mm)
-              & (local[:, 2] > -region.below - margin_mm) & (local[:, 2] < region.above + margin_mm)
-              & (local[:, 1] > -region.depth - margin_mm))
+    inside = (
+        (np.abs(local[:, 0]) < region.lateral + margin_mm)
+        & (local[:, 2] > -region.below - margin_mm)
+        & (local[:, 2] < region.above + margin_mm)
+        & (local[:, 1] > -region.depth - margin_mm)
+    )
     return points[inside]
 
 
@@ -123,8 +127,7 @@ class Target:
         self.tree = cKDTree(points) if len(points) else None
 
 
-def icp_distance(probe: np.ndarray, probe_frame: HeadFrame, target: Target, mode: str,
-                 iterations: int = 40) -> float:
+def icp_distance(probe: np.ndarray, probe_frame: HeadFrame, target: Target, mode: str, iterations: int = 40) -> float:
     """Trimmed RMS distance (mm) from ``probe`` points (LPS mm) to ``target`` after ICP alignment.
 
     Starts from the two heads' frames superimposed at the nose tips; each iteration pairs every probe point
@@ -157,8 +160,9 @@ def icp_distance(probe: np.ndarray, probe_frame: HeadFrame, target: Target, mode
     return float(np.sqrt(np.mean(np.sort(distances)[:keep] ** 2)))
 
 
-def _umeyama(source: np.ndarray, target: np.ndarray, scale_bounds: tuple[float, float]
-             ) -> tuple[float, np.ndarray, np.ndarray]:
+def _umeyama(
+    source: np.ndarray, target: np.ndarray, scale_bounds: tuple[float, float]
+) -> tuple[float, np.ndarray, np.ndarray]:
     """Least-squares (scale, rotation, translation) mapping ``source`` onto ``target`` (Umeyama 1991), the
     scale clipped to ``scale_bounds`` ((1, 1) for a rigid fit)."""
     mean_s, mean_t = source.mean(axis=0), target.mean(axis=0)
@@ -166,7 +170,7 @@ def _umeyama(source: np.ndarray, target: np.ndarray, scale_bounds: tuple[float, 
     u, sigma, vt = np.linalg.svd(b.T @ a / len(a))
     sign = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
     turn = u @ sign @ vt
-    scale = float(np.trace(np.diag(sigma) @ sign) / np.mean(np.sum(a ** 2, axis=1)))
+    scale = float(np.trace(np.diag(sigma) @ sign) / np.mean(np.sum(a**2, axis=1)))
     scale = float(np.clip(scale, *scale_bounds))
     return scale, turn, mean_t - scale * turn @ mean_s
 
@@ -192,9 +196,11 @@ def face_models() -> FaceModels:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the 2-D attack needs dlib's models: pip install face-recognition-models")
     models = Path(list(spec.submodule_search_locations)[0]) / "models"
-    return FaceModels(detector=dlib.get_frontal_face_detector(),
-                      landmarks=dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat")),
-                      encoder=dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat")))
+    return FaceModels(
+        detector=dlib.get_frontal_face_detector(),
+        landmarks=dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat")),
+        encoder=dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat")),
+    )
 
 
 @dataclass
@@ -263,8 +269,9 @@ def probe_rank(distances: np.ndarray, genuine: np.ndarray, allowed: np.ndarray) 
     return rank, credit, float(g.sum()) / float(len(d))
 
 
-def rank_scores(distance_rows: list[np.ndarray], genuine_rows: list[np.ndarray], allowed_rows: list[np.ndarray]
-                ) -> RankScores:
+def rank_scores(
+    distance_rows: list[np.ndarray], genuine_rows: list[np.ndarray], allowed_rows: list[np.ndarray]
+) -> RankScores:
     """Rank-1 rate with a 95 % Wilson interval and chance level, mean rank, and the AUC of genuine versus
     impostor distances pooled over all probes (1 = every genuine closer than every impostor, 0.5 = chance)."""
     results = [probe_rank(d, g, a) for d, g, a in zip(distance_rows, genuine_rows, allowed_rows)]
@@ -275,13 +282,22 @@ def rank_scores(distance_rows: list[np.ndarray], genuine_rows: list[np.ndarray],
     ranks = np.array([r[0] for r in results])
     hits = float(sum(r[1] for r in results))
     low, high = wilson_interval(hits, n)
-    genuine_d = np.concatenate([np.where(np.isnan(d), np.inf, d)[g & a]
-                                for d, g, a in zip(distance_rows, genuine_rows, allowed_rows)])
-    impostor_d = np.concatenate([np.where(np.isnan(d), np.inf, d)[~g & a]
-                                 for d, g, a in zip(distance_rows, genuine_rows, allowed_rows)])
-    return RankScores(n=n, rank1=hits / n, rank1_low=low, rank1_high=high,
-                      chance=float(np.mean([r[2] for r in results])), mean_rank=float(ranks.mean()),
-                      auc=auc(genuine_d, impostor_d), ranks=ranks)
+    genuine_d = np.concatenate(
+        [np.where(np.isnan(d), np.inf, d)[g & a] for d, g, a in zip(distance_rows, genuine_rows, allowed_rows)]
+    )
+    impostor_d = np.concatenate(
+        [np.where(np.isnan(d), np.inf, d)[~g & a] for d, g, a in zip(distance_rows, genuine_rows, allowed_rows)]
+    )
+    return RankScores(
+        n=n,
+        rank1=hits / n,
+        rank1_low=low,
+        rank1_high=high,
+        chance=float(np.mean([r[2] for r in results])),
+        mean_rank=float(ranks.mean()),
+        auc=auc(genuine_d, impostor_d),
+        ranks=ranks,
+    )
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:

@@ -7,6 +7,7 @@ head, so the face takes part), its brain mask is carried over as the scan's brai
 T1). Comparing the two analyses gives the Dice of the brain mask and of each class, and each class's relative
 volume difference. Affine rather than SyN keeps a report over ~100 scans within an hour on 2 cores.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,11 +59,21 @@ def analyse(image: sitk.Image, spacing_mm: float = ANALYSIS_SPACING_MM, seed: in
         atlas, atlas_brain = _atlas(spacing_mm)
         scan = _to_ants(work)
         # A coarse-to-fine affine with short schedules: ~3 s instead of ~40 s, same fit on whole heads.
-        fit = ants.registration(fixed=scan, moving=atlas, type_of_transform="Affine", random_seed=seed,
-                                aff_iterations=(200, 100, 30, 0), aff_shrink_factors=(6, 4, 2, 1),
-                                aff_smoothing_sigmas=(3, 2, 1, 0))
-        brain = ants.apply_transforms(fixed=scan, moving=atlas_brain, transformlist=fit["fwdtransforms"],
-                                      interpolator="nearestNeighbor").numpy() > 0.5
+        fit = ants.registration(
+            fixed=scan,
+            moving=atlas,
+            type_of_transform="Affine",
+            random_seed=seed,
+            aff_iterations=(200, 100, 30, 0),
+            aff_shrink_factors=(6, 4, 2, 1),
+            aff_smoothing_sigmas=(3, 2, 1, 0),
+        )
+        brain = (
+            ants.apply_transforms(
+                fixed=scan, moving=atlas_brain, transformlist=fit["fwdtransforms"], interpolator="nearestNeighbor"
+            ).numpy()
+            > 0.5
+        )
         if brain.sum() < 100:
             return Analysis(None, None, voxel_ml, "brain extraction found no brain")
         mask = scan.new_image_like(brain.astype(np.float32))
@@ -102,8 +113,17 @@ def _resample(image: sitk.Image, spacing_mm: float) -> sitk.Image:
     """``image`` as float32 on its own axes at ``spacing_mm`` (never finer than the input), linear."""
     spacing = [max(spacing_mm, s) for s in image.GetSpacing()]
     size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
-    return sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), size, sitk.Transform(), sitk.sitkLinear,
-                         image.GetOrigin(), spacing, image.GetDirection(), 0.0, sitk.sitkFloat32)
+    return sitk.Resample(
+        sitk.Cast(image, sitk.sitkFloat32),
+        size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        image.GetOrigin(),
+        spacing,
+        image.GetDirection(),
+        0.0,
+        sitk.sitkFloat32,
+    )
 
 
 def _to_ants(image: sitk.Image):
@@ -111,5 +131,9 @@ def _to_ants(image: sitk.Image):
     import ants
 
     array = sitk.GetArrayFromImage(image).astype(np.float32).transpose(2, 1, 0)  # KJI -> IJK
-    return ants.from_numpy(array, origin=list(image.GetOrigin()), spacing=list(image.GetSpacing()),
-                           direction=np.asarray(image.GetDirection()).reshape(3, 3))
+    return ants.from_numpy(
+        array,
+        origin=list(image.GetOrigin()),
+        spacing=list(image.GetSpacing()),
+        direction=np.asarray(image.GetDirection()).reshape(3, 3),
+    )

@@ -1,4 +1,5 @@
 """The evaluation report: a CSV per scan, a Markdown summary per method, plots and before/after montages."""
+
 from __future__ import annotations
 
 import csv
@@ -10,16 +11,29 @@ import numpy as np
 from . import attacks
 from .attacks import ATTACKS, Probe
 
-ATTACK_TITLES = {"2d": "2-D dlib", "features": "3-D ICP features (similarity)",
-                 "large": "3-D ICP large region (rigid, head shape)"}
+ATTACK_TITLES = {
+    "2d": "2-D dlib",
+    "features": "3-D ICP features (similarity)",
+    "large": "3-D ICP large region (rigid, head shape)",
+}
 CONTROLS = ("control: re-render", "control: same person", "control: average face")
 # A positive control passes when its rank-1 rate reaches this (the attack recognises the same head).
 POSITIVE_RANK1 = 0.8
 
 
-def write(out_dir: Path, probes: list[Probe], methods: list[str], originals: dict[str, np.ndarray],
-          thumbnails: dict[str, list], *, n_gallery: int, n_templates: int, data_dir: Path,
-          fidelity_failures: dict[str, str], shipped_template: bool = False) -> tuple[Path, bool]:
+def write(
+    out_dir: Path,
+    probes: list[Probe],
+    methods: list[str],
+    originals: dict[str, np.ndarray],
+    thumbnails: dict[str, list],
+    *,
+    n_gallery: int,
+    n_templates: int,
+    data_dir: Path,
+    fidelity_failures: dict[str, str],
+    shipped_template: bool = False,
+) -> tuple[Path, bool]:
     """Write ``per_scan.csv``, ``summary.csv``, ``summary.md``, ``plots/*.png`` and ``montage_<method>.png``.
 
     ``shipped_template``: the data held no template and the shipped average head took that role. Returns the
@@ -33,9 +47,20 @@ def write(out_dir: Path, probes: list[Probe], methods: list[str], originals: dic
     plots = _plots(out_dir / "plots", summaries, probes, methods)
     montages = [_montage(out_dir / f"montage_{method}.png", method, thumbnails.get(method, [])) for method in methods]
     summary = out_dir / "summary.md"
-    summary.write_text(_markdown(summaries, controls, methods, n_gallery=n_gallery, n_templates=n_templates,
-                                 data_dir=data_dir, plots=plots, montages=montages,
-                                 fidelity_failures=fidelity_failures, shipped_template=shipped_template))
+    summary.write_text(
+        _markdown(
+            summaries,
+            controls,
+            methods,
+            n_gallery=n_gallery,
+            n_templates=n_templates,
+            data_dir=data_dir,
+            plots=plots,
+            montages=montages,
+            fidelity_failures=fidelity_failures,
+            shipped_template=shipped_template,
+        )
+    )
     return summary, controls_passed(controls)
 
 
@@ -52,11 +77,19 @@ def summarise(probes: list[Probe], originals: dict[str, np.ndarray]) -> dict:
     scored = [p for p in probes if p.distances]
     row: dict = {"n_probes": len(scored), "n_errors": sum(1 for p in probes if p.facts.get("error"))}
     for attack in ATTACKS:
-        scores = attacks.rank_scores([p.distances[attack] for p in scored], [p.genuine for p in scored],
-                                     [p.allowed for p in scored])
-        row.update({f"{attack}_rank1": scores.rank1, f"{attack}_rank1_low": scores.rank1_low,
-                    f"{attack}_rank1_high": scores.rank1_high, f"{attack}_chance": scores.chance,
-                    f"{attack}_mean_rank": scores.mean_rank, f"{attack}_auc": scores.auc})
+        scores = attacks.rank_scores(
+            [p.distances[attack] for p in scored], [p.genuine for p in scored], [p.allowed for p in scored]
+        )
+        row.update(
+            {
+                f"{attack}_rank1": scores.rank1,
+                f"{attack}_rank1_low": scores.rank1_low,
+                f"{attack}_rank1_high": scores.rank1_high,
+                f"{attack}_chance": scores.chance,
+                f"{attack}_mean_rank": scores.mean_rank,
+                f"{attack}_auc": scores.auc,
+            }
+        )
     row["gallery_size"] = float(np.mean([p.allowed.sum() for p in scored])) if scored else math.nan
     detected = [p.facts["detected"] for p in scored if "detected" in p.facts]
     row["detection_rate"] = float(np.mean(detected)) if detected else math.nan
@@ -93,8 +126,10 @@ def control_verdicts(summaries: dict[str, dict]) -> dict[str, tuple[bool, str]]:
         verdicts["control: same person"] = (ok, f"rank-1 >= {POSITIVE_RANK1} for the 2-D and the 3-D feature attack")
     average = summaries.get("control: average face")
     if average:
-        ok = all(average[f"{a}_rank1_low"] <= average[f"{a}_chance"] <= average[f"{a}_rank1_high"]
-                 for a in ("2d", "features"))
+        ok = all(
+            average[f"{a}_rank1_low"] <= average[f"{a}_chance"] <= average[f"{a}_rank1_high"]
+            for a in ("2d", "features")
+        )
         verdicts["control: average face"] = (ok, "chance inside the 95 % interval of rank-1, 2-D and 3-D features")
     return verdicts
 
@@ -111,8 +146,23 @@ def _mean(values) -> float:
 
 
 def _write_per_scan(path: Path, probes: list[Probe]) -> None:
-    fact_keys = ["error", "grid_equal", "brain_exact", "changed_fraction", "detected", "runtime_s", "peak_rss_mb",
-                 "failed", "dice_brain", "dice_csf", "dice_gm", "dice_wm", "rvd_csf", "rvd_gm", "rvd_wm"]
+    fact_keys = [
+        "error",
+        "grid_equal",
+        "brain_exact",
+        "changed_fraction",
+        "detected",
+        "runtime_s",
+        "peak_rss_mb",
+        "failed",
+        "dice_brain",
+        "dice_csf",
+        "dice_gm",
+        "dice_wm",
+        "rvd_csf",
+        "rvd_gm",
+        "rvd_wm",
+    ]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         header = ["group", "scan", "gallery_size"]
@@ -128,9 +178,13 @@ def _write_per_scan(path: Path, probes: list[Probe]) -> None:
                 d = probe.distances[attack]
                 rank, _, _ = attacks.probe_rank(d, probe.genuine, probe.allowed)
                 impostors = d[probe.allowed & ~probe.genuine]
-                row += [rank, _fmt(np.nanmin(d[probe.genuine & probe.allowed]) if np.any(~np.isnan(d[probe.genuine]))
-                                   else math.nan),
-                        _fmt(np.nanmin(impostors) if np.any(~np.isnan(impostors)) else math.nan)]
+                row += [
+                    rank,
+                    _fmt(
+                        np.nanmin(d[probe.genuine & probe.allowed]) if np.any(~np.isnan(d[probe.genuine])) else math.nan
+                    ),
+                    _fmt(np.nanmin(impostors) if np.any(~np.isnan(impostors)) else math.nan),
+                ]
             writer.writerow(row + [_fmt(probe.facts.get(key, "")) for key in fact_keys])
 
 
@@ -154,12 +208,25 @@ def _fmt(value) -> str:
 def _cell(row: dict, attack: str) -> str:
     if not row["n_probes"]:
         return "—"
-    return (f"{row[f'{attack}_rank1']:.2f} [{row[f'{attack}_rank1_low']:.2f}, {row[f'{attack}_rank1_high']:.2f}]"
-            f" / {row[f'{attack}_mean_rank']:.1f} / {row[f'{attack}_auc']:.2f}")
+    return (
+        f"{row[f'{attack}_rank1']:.2f} [{row[f'{attack}_rank1_low']:.2f}, {row[f'{attack}_rank1_high']:.2f}]"
+        f" / {row[f'{attack}_mean_rank']:.1f} / {row[f'{attack}_auc']:.2f}"
+    )
 
 
-def _markdown(summaries, controls, methods, *, n_gallery, n_templates, data_dir, plots, montages,
-              fidelity_failures, shipped_template) -> str:
+def _markdown(
+    summaries,
+    controls,
+    methods,
+    *,
+    n_gallery,
+    n_templates,
+    data_dir,
+    plots,
+    montages,
+    fidelity_failures,
+    shipped_template,
+) -> str:
     chance = np.nanmean([row["2d_chance"] for row in summaries.values() if row["n_probes"]])
     gallery = np.nanmean([row["gallery_size"] for row in summaries.values() if row["n_probes"]])
     lines = [
@@ -169,8 +236,12 @@ def _markdown(summaries, controls, methods, *, n_gallery, n_templates, data_dir,
         f"each probe is ranked against the ~{gallery:.1f} gallery heads that are not another scan of the same "
         f"person, so rank-1 by chance is ~{chance:.3f}. N is tiny: read the 95 % (Wilson) intervals, not the "
         "point values."
-        + (" The data holds no template: the shipped average head (pydeface's mean head) is the distractor and "
-           "the average-face control." if shipped_template else ""),
+        + (
+            " The data holds no template: the shipped average head (pydeface's mean head) is the distractor and "
+            "the average-face control."
+            if shipped_template
+            else ""
+        ),
         "",
         f"Regenerate: `mri-deidentify evaluate --data {data_dir} --methods {','.join(methods)} --out DIR`.",
         "",
@@ -187,43 +258,74 @@ def _markdown(summaries, controls, methods, *, n_gallery, n_templates, data_dir,
     ]
     for group, (ok, rule) in controls.items():
         row = summaries[group]
-        lines.append(f"| {group.replace('control: ', '')} | {row['n_probes']} | "
-                     + " | ".join(_cell(row, a) for a in ATTACKS) + f" | {'yes' if ok else '**NO**'} | {rule} |")
+        lines.append(
+            f"| {group.replace('control: ', '')} | {row['n_probes']} | "
+            + " | ".join(_cell(row, a) for a in ATTACKS)
+            + f" | {'yes' if ok else '**NO**'} | {rule} |"
+        )
     missing = [name.replace("control: ", "") for name in CONTROLS if name not in controls]
-    lines += ["", f"Controls passed: **{'yes' if controls_passed(controls) else 'no'}**"
-              + (f" (not formed from this data: {', '.join(missing)}; the same-person control needs a person "
-                 "with two scans)" if missing else ""), ""]
-    lines += ["## Privacy (lower rank-1 and AUC = more private) and realism", "",
-              "| method | N | " + " | ".join(ATTACK_TITLES[a] for a in ATTACKS)
-              + " | face detected | diversity | errors |",
-              "|---|---|" + "---|" * len(ATTACKS) + "---|---|---|"]
+    lines += [
+        "",
+        f"Controls passed: **{'yes' if controls_passed(controls) else 'no'}**"
+        + (
+            f" (not formed from this data: {', '.join(missing)}; the same-person control needs a person with two scans)"
+            if missing
+            else ""
+        ),
+        "",
+    ]
+    lines += [
+        "## Privacy (lower rank-1 and AUC = more private) and realism",
+        "",
+        "| method | N | " + " | ".join(ATTACK_TITLES[a] for a in ATTACKS) + " | face detected | diversity | errors |",
+        "|---|---|" + "---|" * len(ATTACKS) + "---|---|---|",
+    ]
     for method in methods:
         row = summaries[method]
-        lines.append(f"| {method} | {row['n_probes']} | " + " | ".join(_cell(row, a) for a in ATTACKS)
-                     + f" | {_pct(row['detection_rate'])} | {_num(row['diversity_ratio'])} | {row['n_errors']} |")
+        lines.append(
+            f"| {method} | {row['n_probes']} | "
+            + " | ".join(_cell(row, a) for a in ATTACKS)
+            + f" | {_pct(row['detection_rate'])} | {_num(row['diversity_ratio'])} | {row['n_errors']} |"
+        )
     reference = summaries.get("control: re-render", {}).get("detection_rate", math.nan)
-    lines += ["", f"Face detected: share of output renders where dlib's HOG detector finds a face (score > 0; "
-              f"{_pct(reference)} of the originals at the same pose), a realism check, not privacy. Diversity: mean pairwise embedding distance among the outputs over that "
-              "among their originals (1 = as varied as real people; one face pasted on all -> low).", ""]
-    lines += ["## Brain exactness, downstream fidelity, cost", "",
-              "| method | brain exact | same grid | changed voxels | Dice brain | Dice CSF | Dice GM | Dice WM | "
-              "mean abs vol. diff CSF / GM / WM | analysis failed | runtime s (mean) | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"Face detected: share of output renders where dlib's HOG detector finds a face (score > 0; "
+        f"{_pct(reference)} of the originals at the same pose), a realism check, not privacy. Diversity: mean pairwise embedding distance among the outputs over that "
+        "among their originals (1 = as varied as real people; one face pasted on all -> low).",
+        "",
+    ]
+    lines += [
+        "## Brain exactness, downstream fidelity, cost",
+        "",
+        "| method | brain exact | same grid | changed voxels | Dice brain | Dice CSF | Dice GM | Dice WM | "
+        "mean abs vol. diff CSF / GM / WM | analysis failed | runtime s (mean) | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for method in methods:
         row = summaries[method]
-        lines.append(f"| {method} | {row['brain_exact']} | {row['grid_equal']} | {_pct(row['changed_fraction'])} | "
-                     f"{_num(row['dice_brain'])} | {_num(row['dice_csf'])} | {_num(row['dice_gm'])} | "
-                     f"{_num(row['dice_wm'])} | {_pct(row['abs_rvd_csf'])} / {_pct(row['abs_rvd_gm'])} / "
-                     f"{_pct(row['abs_rvd_wm'])} | {row['fidelity_failed']} | {_num(row['runtime_s'], 1)} | "
-                     f"{_num(row['peak_rss_mb'], 0)} |")
-    lines += ["", "Fidelity: ANTsPy on original and output alike (average head registered affinely to the whole "
-              "head, its brain mask carried over, Atropos 3 classes at 2 mm); Dice and volume differences compare "
-              "the two analyses; the same scan analysed twice already gives brain Dice 0.97-0.98 (ANTs' "
-              "multi-threaded registration is not bit-reproducible), the noise floor. Runtime: `pipeline.deidentify` with the brain mask given (deepbet excluded); "
-              "peak RSS: the method's worker process (Python, torch and all), maximum over its scans.", ""]
+        lines.append(
+            f"| {method} | {row['brain_exact']} | {row['grid_equal']} | {_pct(row['changed_fraction'])} | "
+            f"{_num(row['dice_brain'])} | {_num(row['dice_csf'])} | {_num(row['dice_gm'])} | "
+            f"{_num(row['dice_wm'])} | {_pct(row['abs_rvd_csf'])} / {_pct(row['abs_rvd_gm'])} / "
+            f"{_pct(row['abs_rvd_wm'])} | {row['fidelity_failed']} | {_num(row['runtime_s'], 1)} | "
+            f"{_num(row['peak_rss_mb'], 0)} |"
+        )
+    lines += [
+        "",
+        "Fidelity: ANTsPy on original and output alike (average head registered affinely to the whole "
+        "head, its brain mask carried over, Atropos 3 classes at 2 mm); Dice and volume differences compare "
+        "the two analyses; the same scan analysed twice already gives brain Dice 0.97-0.98 (ANTs' "
+        "multi-threaded registration is not bit-reproducible), the noise floor. Runtime: `pipeline.deidentify` with the brain mask given (deepbet excluded); "
+        "peak RSS: the method's worker process (Python, torch and all), maximum over its scans.",
+        "",
+    ]
     if fidelity_failures:
-        lines += ["Analysis failed on these originals (excluded from Dice): "
-                  + "; ".join(f"{n}: {e}" for n, e in sorted(fidelity_failures.items())), ""]
+        lines += [
+            "Analysis failed on these originals (excluded from Dice): "
+            + "; ".join(f"{n}: {e}" for n, e in sorted(fidelity_failures.items())),
+            "",
+        ]
     lines += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(p.parents[1])})" for p in plots]
     lines += [""] + [f"![{m.stem}]({m.name})" for m in montages] + [""]
     return "\n".join(lines)
@@ -253,8 +355,15 @@ def _plots(folder: Path, summaries: dict[str, dict], probes: list[Probe], method
         x = np.arange(len(groups))
         axis.bar(x, rank1, color=["#999999" if g.startswith("control") else "#3b75af" for g in groups])
         axis.errorbar(x, rank1, yerr=[rank1 - low, high - rank1], fmt="none", ecolor="black", capsize=3)
-        axis.scatter(x, [summaries[g][f"{attack}_chance"] for g in groups], color="red", marker="_", s=300,
-                     label="chance", zorder=3)
+        axis.scatter(
+            x,
+            [summaries[g][f"{attack}_chance"] for g in groups],
+            color="red",
+            marker="_",
+            s=300,
+            label="chance",
+            zorder=3,
+        )
         axis.set_xticks(x, [g.replace("control: ", "ctl ") for g in groups], rotation=45, ha="right")
         axis.set_title(ATTACK_TITLES[attack], fontsize=10)
         axis.set_ylim(0, 1.05)
@@ -270,15 +379,26 @@ def _plots(folder: Path, summaries: dict[str, dict], probes: list[Probe], method
         figure, axis = plt.subplots(figsize=(2 + 1.6 * len(methods), 4))
         width = 0.8 / len(keys)
         for k, key in enumerate(keys):
-            data = [[p.facts[key] for p in probes if p.group == m and not math.isnan(p.facts.get(key, math.nan))]
-                    for m in methods]
+            data = [
+                [p.facts[key] for p in probes if p.group == m and not math.isnan(p.facts.get(key, math.nan))]
+                for m in methods
+            ]
             positions = np.arange(len(methods)) + (k - (len(keys) - 1) / 2) * width
-            axis.boxplot([d if d else [math.nan] for d in data], positions=positions, widths=width * 0.9,
-                         patch_artist=True, boxprops={"facecolor": f"C{k}"}, medianprops={"color": "black"})
+            axis.boxplot(
+                [d if d else [math.nan] for d in data],
+                positions=positions,
+                widths=width * 0.9,
+                patch_artist=True,
+                boxprops={"facecolor": f"C{k}"},
+                medianprops={"color": "black"},
+            )
         axis.set_xticks(np.arange(len(methods)), methods)
         axis.set_ylabel("Dice, analysis of output vs original")
-        axis.legend([plt.Rectangle((0, 0), 1, 1, color=f"C{k}") for k in range(len(keys))],
-                    [k.replace("dice_", "") for k in keys], loc="lower left")
+        axis.legend(
+            [plt.Rectangle((0, 0), 1, 1, color=f"C{k}") for k in range(len(keys))],
+            [k.replace("dice_", "") for k in keys],
+            loc="lower left",
+        )
         axis.set_ylim(0, 1.02)
         figure.tight_layout()
         paths.append(folder / "fidelity_dice.png")

@@ -7,6 +7,7 @@ de-identified. A folder without a template (a user's own scans) gets the shipped
 mean head, the one ``reface`` and the demo use) in that role. Work files (brain masks, outputs, timings) go to ``OUT/work`` and are reused when present,
 so an interrupted run resumes.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,6 +70,7 @@ def with_template(scans: list[Scan]) -> list[Scan]:
 
 # --- de-identification, in child processes (their peak memory is the method's) -------------------------
 
+
 def _brain_mask_worker(jobs: list[tuple[str, str]], device: str) -> None:
     from ..brainmask import extract_brain_mask
 
@@ -108,6 +110,7 @@ def _in_child(function, *args):
 
 # --- what the attackers see of one head ---------------------------------------------------------------
 
+
 @dataclass
 class Head:
     """A head as the attacks see it. For an output, ``view``, ``frame`` and ``threshold`` are its original's."""
@@ -139,9 +142,15 @@ def original_head(image: sitk.Image, size: int, seed: int = 0) -> Head:
     head = _probe(surface, threshold, view, frame, gallery.box, size, seed)
     head.gallery = gallery
     head.thumbnail = _thumbnail(frontal)
-    head.targets = {region.name: attacks.Target(attacks.subsample(attacks.region_points(
-        surface, frame, region, attacks.TARGET_MARGIN_MM), attacks.TARGET_POINTS, seed + 1), frame)
-        for region in attacks.REGIONS}
+    head.targets = {
+        region.name: attacks.Target(
+            attacks.subsample(
+                attacks.region_points(surface, frame, region, attacks.TARGET_MARGIN_MM), attacks.TARGET_POINTS, seed + 1
+            ),
+            frame,
+        )
+        for region in attacks.REGIONS
+    }
     return head
 
 
@@ -151,17 +160,27 @@ def output_head(image: sitk.Image, original: Head, size: int, seed: int = 0) -> 
         surface = render.skin_surface(image, original.threshold)
     except ValueError:  # nothing left above the skin level: the attackers see an empty picture
         blank = np.zeros((size, size, 3), np.uint8)
-        return Head(original.threshold, original.view, original.frame, attacks.embed_face(blank, original.gallery_embedding().box),
-                    {region.name: np.zeros((0, 3)) for region in attacks.REGIONS}, _thumbnail(blank))
-    head = _probe(surface, original.threshold, original.view, original.frame, original.gallery_embedding().box, size, seed)
+        return Head(
+            original.threshold,
+            original.view,
+            original.frame,
+            attacks.embed_face(blank, original.gallery_embedding().box),
+            {region.name: np.zeros((0, 3)) for region in attacks.REGIONS},
+            _thumbnail(blank),
+        )
+    head = _probe(
+        surface, original.threshold, original.view, original.frame, original.gallery_embedding().box, size, seed
+    )
     head.thumbnail = _thumbnail(_render(surface, original.view, attacks.GALLERY_POSE, size))
     return head
 
 
 def _probe(surface, threshold, view, frame, fallback_box, size, seed) -> Head:
     picture = _render(surface, view, attacks.PROBE_POSE, size)
-    regions = {region.name: attacks.subsample(attacks.region_points(surface, frame, region),
-                                              attacks.PROBE_POINTS, seed) for region in attacks.REGIONS}
+    regions = {
+        region.name: attacks.subsample(attacks.region_points(surface, frame, region), attacks.PROBE_POINTS, seed)
+        for region in attacks.REGIONS
+    }
     return Head(threshold, view, frame, attacks.embed_face(picture, fallback_box), regions, np.zeros(0))
 
 
@@ -180,16 +199,30 @@ def distances(probe: Head, gallery: list[Head]) -> dict[str, np.ndarray]:
     """Distances from ``probe`` to every gallery head: "2d" (embedding, Euclidean) and one per ICP region."""
     rows = {"2d": np.array([np.linalg.norm(probe.probe.vector - g.gallery_embedding().vector) for g in gallery])}
     for region in attacks.REGIONS:
-        rows[region.name] = np.array([attacks.icp_distance(probe.regions[region.name], probe.frame,
-                                                           g.targets[region.name], region.mode) for g in gallery])
+        rows[region.name] = np.array(
+            [
+                attacks.icp_distance(probe.regions[region.name], probe.frame, g.targets[region.name], region.mode)
+                for g in gallery
+            ]
+        )
     return rows
 
 
 # --- the run -----------------------------------------------------------------------------------------
 
-def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = attacks.RENDER_SIZE,
-             run_fidelity: bool = True, fidelity_spacing_mm: float = fidelity.ANALYSIS_SPACING_MM,
-             seed: int = 0, device: str = "auto", progress: Progress = print) -> tuple[Path, bool]:
+
+def evaluate(
+    data_dir: Path,
+    methods: list[str],
+    out_dir: Path,
+    *,
+    size: int = attacks.RENDER_SIZE,
+    run_fidelity: bool = True,
+    fidelity_spacing_mm: float = fidelity.ANALYSIS_SPACING_MM,
+    seed: int = 0,
+    device: str = "auto",
+    progress: Progress = print,
+) -> tuple[Path, bool]:
     """Run the whole evaluation and write the report into ``out_dir``.
 
     ``device`` is one of ``devices.DEVICE_CHOICES``, resolved here once for every child process.
@@ -242,8 +275,16 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
         i = index[scan.name]
         same = persons == scan.person
         own = np.arange(len(scans)) == i
-        probes.append(attacks.Probe("control: re-render", scan.name, original_rows[scan.name], own, ~same | own,
-                            {"detected": heads[i].probe.score > attacks.DETECT_SCORE}))
+        probes.append(
+            attacks.Probe(
+                "control: re-render",
+                scan.name,
+                original_rows[scan.name],
+                own,
+                ~same | own,
+                {"detected": heads[i].probe.score > attacks.DETECT_SCORE},
+            )
+        )
         if same.sum() > 1:
             probes.append(attacks.Probe("control: same person", scan.name, original_rows[scan.name], same & ~own, ~own))
     for template in (scan for scan in scans if scan.template):
@@ -252,8 +293,11 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
             # The claimed identity's gallery, as for a method's probe of that scan, minus the template itself.
             own = np.arange(len(scans)) == index[scan.name]
             allowed = (~(persons == scan.person) | own) & (np.arange(len(scans)) != t)
-            probes.append(attacks.Probe("control: average face", f"{template.name}->{scan.name}",
-                                original_rows[template.name], own, allowed))
+            probes.append(
+                attacks.Probe(
+                    "control: average face", f"{template.name}->{scan.name}", original_rows[template.name], own, allowed
+                )
+            )
 
     analyses: dict[str, fidelity.Analysis] = {}
 
@@ -293,22 +337,35 @@ def evaluate(data_dir: Path, methods: list[str], out_dir: Path, *, size: int = a
             thumbnails[method].append((scan.name, heads[i].thumbnail, head.thumbnail))
 
     originals = {scan.name: heads[index[scan.name]].probe.vector for scan in real}
-    return report.write(Path(out_dir), probes, methods, originals, thumbnails, n_gallery=len(scans),
-                        n_templates=len(scans) - len(real), data_dir=Path(data_dir),
-                        shipped_template=any(scan.name == SHIPPED_TEMPLATE for scan in scans),
-                        fidelity_failures={p.scan: p.facts["original_error"] for p in probes
-                                           if p.facts.get("original_error")})
+    return report.write(
+        Path(out_dir),
+        probes,
+        methods,
+        originals,
+        thumbnails,
+        n_gallery=len(scans),
+        n_templates=len(scans) - len(real),
+        data_dir=Path(data_dir),
+        shipped_template=any(scan.name == SHIPPED_TEMPLATE for scan in scans),
+        fidelity_failures={p.scan: p.facts["original_error"] for p in probes if p.facts.get("original_error")},
+    )
 
 
 def exactness(original: sitk.Image, output: sitk.Image, copied: np.ndarray) -> dict:
     """``grid_equal``: same size, spacing, origin, direction and pixel type; ``brain_exact``: every voxel of
     the copied region (KJI bool) bit-identical; ``changed_fraction``: share of voxels that differ at all."""
-    grid = (original.GetSize() == output.GetSize() and original.GetPixelID() == output.GetPixelID()
-            and np.allclose(original.GetSpacing(), output.GetSpacing(), atol=1e-6)
-            and np.allclose(original.GetOrigin(), output.GetOrigin(), atol=1e-4)
-            and np.allclose(original.GetDirection(), output.GetDirection(), atol=1e-6))
+    grid = (
+        original.GetSize() == output.GetSize()
+        and original.GetPixelID() == output.GetPixelID()
+        and np.allclose(original.GetSpacing(), output.GetSpacing(), atol=1e-6)
+        and np.allclose(original.GetOrigin(), output.GetOrigin(), atol=1e-4)
+        and np.allclose(original.GetDirection(), output.GetDirection(), atol=1e-6)
+    )
     if not grid:
         return {"grid_equal": False, "brain_exact": False, "changed_fraction": float("nan")}
     a, b = sitk.GetArrayViewFromImage(original), sitk.GetArrayViewFromImage(output)
-    return {"grid_equal": True, "brain_exact": bool(copied.any() and np.array_equal(a[copied], b[copied])),
-            "changed_fraction": float(np.mean(a != b))}
+    return {
+        "grid_equal": True,
+        "brain_exact": bool(copied.any() and np.array_equal(a[copied], b[copied])),
+        "changed_fraction": float(np.mean(a != b)),
+    }

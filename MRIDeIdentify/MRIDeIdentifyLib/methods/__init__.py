@@ -3,6 +3,7 @@
 A method turns a :class:`MethodContext` into a :class:`MethodOutput` on the input grid; the composite
 (``composite.py``) then copies the brain back bit for bit, so no method can alter a brain voxel.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -58,6 +59,7 @@ class MethodContext:
         """The model grid (``modelgrid.ModelGrid``) around this head, built on first use."""
         if self._grid is None:
             from ..modelgrid import DEFAULT_SIZE, ModelGrid
+
             size = int(self.options.get("grid_size", DEFAULT_SIZE))
             self._grid = ModelGrid.around(self.image, self.head, self.brain, size=size, array=self.array)
         return self._grid
@@ -104,8 +106,9 @@ UNAVAILABLE: Dict[str, str] = {}
 _MODULES = ("remodel", "reface", "deface", "quickshear", "blur", "skullstrip")
 
 
-def register(name: str, *, summary: str, role: str,
-             prepare: Optional[Callable[[Dict[str, Any], torch.device], None]] = None) -> Callable:
+def register(
+    name: str, *, summary: str, role: str, prepare: Optional[Callable[[Dict[str, Any], torch.device], None]] = None
+) -> Callable:
     """Decorator adding ``run(ctx) -> MethodOutput`` to the registry under ``name``."""
 
     def decorate(run: Callable[[MethodContext], MethodOutput]) -> Callable[[MethodContext], MethodOutput]:
@@ -141,8 +144,10 @@ def get_method(name: Optional[str]) -> Method:
     if name is None:
         name = default_method()
         if name is None:
-            raise InputError("no default method is available yet (the learned 'remodel' is not installed); "
-                             f"choose one with --method ({', '.join(METHODS)})")
+            raise InputError(
+                "no default method is available yet (the learned 'remodel' is not installed); "
+                f"choose one with --method ({', '.join(METHODS)})"
+            )
     if name in UNAVAILABLE:
         raise InputError(f"method {name!r} is not available: it {UNAVAILABLE[name]}")
     if name not in METHODS:

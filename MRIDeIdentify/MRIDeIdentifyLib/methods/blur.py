@@ -1,4 +1,5 @@
 """``blur``: the paper's BLURRED control, a heavy Gaussian blur of everything outside the brain margin."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,8 +13,11 @@ from . import MethodContext, MethodOutput, register
 DEFAULT_SIGMA_MM = 8.0
 
 
-@register("blur", summary="heavy Gaussian blur outside the brain margin",
-          role="control (the paper's BLURRED): shows that blurring leaves the head shape identifiable")
+@register(
+    "blur",
+    summary="heavy Gaussian blur outside the brain margin",
+    role="control (the paper's BLURRED): shows that blurring leaves the head shape identifiable",
+)
 def run(ctx: MethodContext) -> MethodOutput:
     sigma = float(ctx.options.get("blur_sigma_mm", DEFAULT_SIGMA_MM))
     with ctx.stage("blur"):

@@ -6,6 +6,7 @@ everything below it. The package works on nibabel images and permutes/flips thei
 orientation; an oblique scan is sheared in the voxel frame closest to RPS, which keeps the plane under the
 brain. Its buffer is a count of voxels: we give it in mm along the axis it shifts.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -22,12 +23,16 @@ from . import MethodContext, MethodOutput, register
 DEFAULT_BUFFER_MM = 10.0
 
 
-@register("quickshear", summary="remove everything below a plane under the brain (the quickshear package)",
-          role="removal baseline (quickshear, as recommended where a brain mask must never be cut)")
+@register(
+    "quickshear",
+    summary="remove everything below a plane under the brain (the quickshear package)",
+    role="removal baseline (quickshear, as recommended where a brain mask must never be cut)",
+)
 def run(ctx: MethodContext) -> MethodOutput:
     with ctx.stage("shear"):
-        keep = shear_mask(ctx.brain, ras_affine(ctx.image),
-                          float(ctx.options.get("quickshear_buffer_mm", DEFAULT_BUFFER_MM)))
+        keep = shear_mask(
+            ctx.brain, ras_affine(ctx.image), float(ctx.options.get("quickshear_buffer_mm", DEFAULT_BUFFER_MM))
+        )
     removed = ~keep & ~ctx.brain
     values = np.where(keep, ctx.array, np.float32(0)).astype(np.float32)
     return MethodOutput(values=values, head=ctx.head & keep, changed=removed)

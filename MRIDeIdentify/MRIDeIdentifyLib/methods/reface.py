@@ -6,6 +6,7 @@ scaling, then a smooth warp of its skin surface onto the subject's), its intensi
 subject's, and it replaces the subject's face, ears, scalp and skull. The output's outline is the
 template's, bent to the subject's head size and shape, so the subject's own face surface is gone.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,21 +24,26 @@ _GAIN_SIGMA_MM = 12.0
 _GAIN_RANGE = (0.5, 4.0)
 
 
-@register("reface", summary="replace face, ears, scalp and skull by an average head registered to the subject",
-          role="data-light remodeling baseline (like mri_reface / AFNI refacer)")
+@register(
+    "reface",
+    summary="replace face, ears, scalp and skull by an average head registered to the subject",
+    role="data-light remodeling baseline (like mri_reface / AFNI refacer)",
+)
 def run(ctx: MethodContext) -> MethodOutput:
     values, head = template_on_subject(ctx, "image", "head")
     with ctx.stage("intensity match"):
         overlap = head & ctx.head & ~ctx.brain
         values = match_intensities(values, ctx.array, overlap, fallback=ctx.head & ~ctx.brain)
-        values *= local_gain(values, ctx.array, overlap & (ctx.array > ctx.threshold),
-                             np.asarray(ctx.image.GetSpacing()[::-1]))
+        values *= local_gain(
+            values, ctx.array, overlap & (ctx.array > ctx.threshold), np.asarray(ctx.image.GetSpacing()[::-1])
+        )
     head |= ctx.brain
     return MethodOutput(values=values, head=head)
 
 
-def match_intensities(values: np.ndarray, reference: np.ndarray, region: np.ndarray,
-                      fallback: np.ndarray) -> np.ndarray:
+def match_intensities(
+    values: np.ndarray, reference: np.ndarray, region: np.ndarray, fallback: np.ndarray
+) -> np.ndarray:
     """``values`` (float32 KJI, a new array) mapped so their histogram in ``region`` matches ``reference``'s there.
 
     A monotone quantile map (histogram matching) rather than a linear fit: the template's T1 contrast
@@ -81,9 +87,12 @@ def _smooth(array: np.ndarray, spacing_kji: np.ndarray, sigma_mm: float) -> np.n
     return sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(image, sigma_mm))
 
 
-@register("reface-prior", summary="reface with a new face: the average head's tissue inside a face-prior identity "
-          "placed from gamma (remodel's geometry without the generator)",
-          role="baseline: what the face prior alone gives, to show what the generator adds")
+@register(
+    "reface-prior",
+    summary="reface with a new face: the average head's tissue inside a face-prior identity "
+    "placed from gamma (remodel's geometry without the generator)",
+    role="baseline: what the face prior alone gives, to show what the generator adds",
+)
 def run_prior(ctx: MethodContext) -> MethodOutput:
     from ..faceprior import load_face_prior
     from ..placement import brain_distance, native_skin

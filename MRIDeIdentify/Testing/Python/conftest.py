@@ -2,6 +2,7 @@
 
 The one place that says where that folder is: the benchmarks and scripts import SHARED_DATA from here.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ layout logics, the 3-D displayable managers) is done here with the same C++ clas
 on real Slicer code. The Qt layer (qt, ctk, slicer.ScriptedLoadableModule) does not exist outside the application:
 :func:`import_module_file` installs minimal STAND-INS for it, and nothing else is replaced.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -127,6 +128,7 @@ class HeadlessSlicer:
 # They exist only so that MRIDeIdentify.py can be imported outside the application. Logic code never reaches them:
 # the Logic is Qt-free by design, and the base classes below only keep the attributes the real ones set.
 
+
 class _StandInLoadableModule:
     def __init__(self, parent):
         self.parent = parent
@@ -186,6 +188,7 @@ def import_module_file() -> types.ModuleType:
 
 # --- the panel in real Qt (PySide6), with STAND-INS for Slicer's custom widgets ------------------------------------
 
+
 def load_panel(ui_file: Path = MODULE_DIR / "Resources" / "UI" / "MRIDeIdentify.ui"):
     """Load the module's .ui with Qt's own QUiLoader (PySide6, offscreen). Returns (QApplication, top widget).
 
@@ -234,9 +237,12 @@ def load_panel(ui_file: Path = MODULE_DIR / "Resources" / "UI" / "MRIDeIdentify.
             def set_value(self, value):
                 self._properties[name] = value
                 self.clear()
-                self.addItem(self._properties["noneDisplay"] if self._properties["noneEnabled"]
-                             else " / ".join(t.replace("vtkMRML", "").replace("Node", "")
-                                             for t in self._properties["nodeTypes"]))
+                self.addItem(
+                    self._properties["noneDisplay"]
+                    if self._properties["noneEnabled"]
+                    else " / ".join(t.replace("vtkMRML", "").replace("Node", "") for t in self._properties["nodeTypes"])
+                )
+
             return set_value
 
         nodeTypes = Property(list, _getter("nodeTypes"), _setter("nodeTypes"))

@@ -3,6 +3,7 @@
 The import graph is read from the source (every ``import``, at module level or inside a function, as
 test_slicer_static reads it), so a lazy import that closes a circle counts as much as a top-level one.
 """
+
 from __future__ import annotations
 
 import ast
@@ -13,14 +14,14 @@ from typing import Dict, List, Set
 from test_slicer_static import MODULE_DIR, _engine_files, _engine_imports, _module_name
 
 # The rooms around the core: command line, batch, demo, one scan file to file, scan listing, settings, training.
-FRONT_ENDS = {f"MRIDeIdentifyLib.{name}" for name in ("cli", "batch", "demo", "onescan", "scans", "settings",
-                                                      "train")}
+FRONT_ENDS = {f"MRIDeIdentifyLib.{name}" for name in ("cli", "batch", "demo", "onescan", "scans", "settings", "train")}
 
 
 def import_graph() -> Dict[str, Set[str]]:
     files = {_module_name(p): p for p in _engine_files()}
-    return {name: _engine_imports(path, ast.parse(path.read_text())) & set(files) - {name}
-            for name, path in files.items()}
+    return {
+        name: _engine_imports(path, ast.parse(path.read_text())) & set(files) - {name} for name, path in files.items()
+    }
 
 
 def cycles(graph: Dict[str, Set[str]]) -> List[Set[str]]:
@@ -65,15 +66,24 @@ def test_no_front_end_is_part_of_an_import_cycle():
     assert "MRIDeIdentifyLib.scans" in graph["MRIDeIdentifyLib.train"]
     circles = [sorted(c) for c in cycles(graph) if c & FRONT_ENDS]
     assert not circles, f"import cycles through the front ends: {circles}"
-    assert not {name for name, targets in graph.items() if "MRIDeIdentifyLib.cli" in targets} - \
-        {"MRIDeIdentifyLib.__main__"}, "only __main__ may import the command line"
+    assert not {name for name, targets in graph.items() if "MRIDeIdentifyLib.cli" in targets} - {
+        "MRIDeIdentifyLib.__main__"
+    }, "only __main__ may import the command line"
 
 
 def test_settings_import_neither_torch_nor_simpleitk():
     """A front end (the Slicer panel before its dependencies are installed) can read the defaults."""
-    code = "import sys, MRIDeIdentifyLib.settings as s; print(s.Settings().margin_mm, " \
-           "sorted(m for m in ('torch', 'SimpleITK', 'numpy') if m in sys.modules))"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MODULE_DIR,
-                         env={"PYTHONPATH": str(MODULE_DIR), "PATH": ""}, timeout=60)
+    code = (
+        "import sys, MRIDeIdentifyLib.settings as s; print(s.Settings().margin_mm, "
+        "sorted(m for m in ('torch', 'SimpleITK', 'numpy') if m in sys.modules))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=MODULE_DIR,
+        env={"PYTHONPATH": str(MODULE_DIR), "PATH": ""},
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["3.0", "[]"]

@@ -10,6 +10,7 @@ input checks that the snapshot does see a successful write.
 Cases run in-process through ``cli.main`` (fast: most fail while reading); a few also run as a real
 ``python -m MRIDeIdentifyLib`` subprocess, the rest of those are marked slow.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -117,6 +118,7 @@ def _non_finite(value: float, name: str) -> Builder:
         array = _float_head(s)
         array[44:48, 60:64, 60:64] = value  # inside the brain, where the output must equal the input
         return [str(s.write(s.like_head(array), name)), str(s.output), "--method", "blur", *s.mask_args()]
+
     return build
 
 
@@ -131,7 +133,7 @@ def two_d(s: Setup) -> List[str]:
 
 def one_voxel_thick(s: Setup) -> List[str]:
     middle = s.head.GetSize()[2] // 2
-    return [str(s.write(s.head[:, :, middle:middle + 1], "slab.nii.gz")), str(s.output), "--method", "blur"]
+    return [str(s.write(s.head[:, :, middle : middle + 1], "slab.nii.gz")), str(s.output), "--method", "blur"]
 
 
 def four_d_three_volumes(s: Setup) -> List[str]:
@@ -142,6 +144,7 @@ def four_d_three_volumes(s: Setup) -> List[str]:
 
 def five_d(s: Setup) -> List[str]:
     import nibabel as nib
+
     crop = sitk.GetArrayFromImage(s.head[32:96, 32:96, 24:72]).transpose(2, 1, 0)
     data = np.stack([crop, crop], axis=-1)[:, :, :, None, :]  # (x, y, z, t=1, u=2)
     path = s.input / "five.nii.gz"
@@ -251,16 +254,28 @@ def mask_on_distant_grid(s: Setup) -> List[str]:
     mask = s.sphere_mask()
     mask.SetOrigin([o + 1000.0 for o in mask.GetOrigin()])
     s.copy_head()
-    return [str(s.input / "scan.nii.gz"), str(s.output), "--method", "blur",
-            "--brain-mask", str(s.write(mask, "mask.nii.gz"))]
+    return [
+        str(s.input / "scan.nii.gz"),
+        str(s.output),
+        "--method",
+        "blur",
+        "--brain-mask",
+        str(s.write(mask, "mask.nii.gz")),
+    ]
 
 
 def mask_outside_head(s: Setup) -> List[str]:
     array = np.zeros(s.head.GetSize()[::-1], np.uint8)
     array[:6, :6, :6] = 1  # a corner of the field of view: air
     s.copy_head()
-    return [str(s.input / "scan.nii.gz"), str(s.output), "--method", "blur",
-            "--brain-mask", str(s.write(s.like_head(array), "mask.nii.gz"))]
+    return [
+        str(s.input / "scan.nii.gz"),
+        str(s.output),
+        "--method",
+        "blur",
+        "--brain-mask",
+        str(s.write(s.like_head(array), "mask.nii.gz")),
+    ]
 
 
 def missing_mask(s: Setup) -> List[str]:
@@ -335,23 +350,44 @@ def unknown_output_extension(s: Setup) -> List[str]:
 
 
 def missing_model_weights(s: Setup) -> List[str]:
-    return [str(s.copy_head()), str(s.output), "--method", "remodel", "--model", str(s.input / "g.safetensors"),
-            *s.mask_args()]
+    return [
+        str(s.copy_head()),
+        str(s.output),
+        "--method",
+        "remodel",
+        "--model",
+        str(s.input / "g.safetensors"),
+        *s.mask_args(),
+    ]
 
 
 def corrupted_model_weights(s: Setup) -> List[str]:
     # A damaged download: the weights no longer match the sha256 their model card records.
     (s.input / "g.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + bytes(64))
     (s.input / "g.json").write_text('{"sha256": "%s", "config": {}}' % ("0" * 64))
-    return [str(s.copy_head()), str(s.output), "--method", "remodel", "--model", str(s.input / "g.safetensors"),
-            *s.mask_args()]
+    return [
+        str(s.copy_head()),
+        str(s.output),
+        "--method",
+        "remodel",
+        "--model",
+        str(s.input / "g.safetensors"),
+        *s.mask_args(),
+    ]
 
 
 def model_card_not_json(s: Setup) -> List[str]:
     (s.input / "g.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + bytes(64))
     (s.input / "g.json").write_text("sha256: not JSON\n")
-    return [str(s.copy_head()), str(s.output), "--method", "remodel", "--model", str(s.input / "g.safetensors"),
-            *s.mask_args()]
+    return [
+        str(s.copy_head()),
+        str(s.output),
+        "--method",
+        "remodel",
+        "--model",
+        str(s.input / "g.safetensors"),
+        *s.mask_args(),
+    ]
 
 
 def negative_margin(s: Setup) -> List[str]:
@@ -417,8 +453,7 @@ CASES: Dict[str, Case] = {
 }
 NEEDS_DICOM = {"dicom-two-series", "dicom-unknown-series", "dicom-truncated-pixels", "output-inside-dicom-input"}
 # Engine bugs this corpus found; the lead flips them by fixing the engine (see the test report).
-KNOWN_BUGS: Dict[str, str] = {
-}
+KNOWN_BUGS: Dict[str, str] = {}
 # Run in a real subprocess by default (the rest only with -m slow): one per reading path.
 SUBPROCESS_FAST = {"empty-file", "text-named-nii-gz", "unknown-method"}
 
@@ -464,8 +499,9 @@ def case_params(names) -> list:
     return [pytest.param(name, id=name, marks=marks.get(name, [])) for name in names]
 
 
-def check_refusal(name: str, code: int, stdout: str, stderr: str, before: Dict[str, str],
-                  after: Dict[str, str]) -> None:
+def check_refusal(
+    name: str, code: int, stdout: str, stderr: str, before: Dict[str, str], after: Dict[str, str]
+) -> None:
     lines = error_lines(stderr)
     assert code == 2, f"exit {code}; stderr: {stderr!r}"
     assert len(lines) == 1, f"expected one line on stderr, got {stderr!r}"
@@ -491,9 +527,12 @@ def test_bad_input_is_refused(name, tmp_path, head_path, head, capfd, monkeypatc
 
 
 def subprocess_params() -> list:
-    return [param if param.values[0] in SUBPROCESS_FAST else
-            pytest.param(*param.values, id=param.id, marks=[*param.marks, pytest.mark.slow])
-            for param in case_params(CASES)]
+    return [
+        param
+        if param.values[0] in SUBPROCESS_FAST
+        else pytest.param(*param.values, id=param.id, marks=[*param.marks, pytest.mark.slow])
+        for param in case_params(CASES)
+    ]
 
 
 @pytest.mark.parametrize("name", subprocess_params())
@@ -501,8 +540,9 @@ def test_bad_input_is_refused_by_the_command(name, tmp_path, head_path, head):
     argv = make_case(name, tmp_path, head_path, head)
     before = snapshot(tmp_path)
     env = {k: v for k, v in os.environ.items() if k != "MRIDEIDENTIFY_DEBUG"}
-    done = subprocess.run([sys.executable, "-m", "MRIDeIdentifyLib", *argv], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "MRIDeIdentifyLib", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
     check_refusal(name, done.returncode, done.stdout, done.stderr, before, snapshot(tmp_path))
 
 

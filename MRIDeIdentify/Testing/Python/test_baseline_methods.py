@@ -5,6 +5,7 @@ oblique geometry (the same voxels on a grid rotated 25 degrees about L and 10 ab
 physical space and no voxel axis is anatomical). Each scan's brain mask is computed once and handed to
 every method as a user mask, so the deepbet cost is paid once per scan.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -73,8 +74,11 @@ def scans(shared_data: Path):
 @pytest.fixture(scope="module")
 def results(scans):
     """(case, method) -> pipeline Result, each method run once per scan."""
-    return {(case, method): deidentify(scans[case][0], method, brain_mask=scans[case][1], seed=5)
-            for case in CASES for method in METHODS}
+    return {
+        (case, method): deidentify(scans[case][0], method, brain_mask=scans[case][1], seed=5)
+        for case in CASES
+        for method in METHODS
+    }
 
 
 def _physical(image: sitk.Image, mask: np.ndarray) -> np.ndarray:
@@ -116,10 +120,13 @@ def _scatter(tissue: np.ndarray, selection: np.ndarray) -> np.ndarray:
 def test_brain_exact_on_the_input_grid(scans, results, case, method):
     image = scans[case][0]
     result = results[case, method]
-    for name, get in (("size", "GetSize"), ("spacing", "GetSpacing"), ("origin", "GetOrigin"),
-                      ("direction", "GetDirection")):
-        np.testing.assert_allclose(getattr(result.image, get)(), getattr(image, get)(), rtol=0, atol=1e-9,
-                                   err_msg=name)
+    for name, get in (
+        ("size", "GetSize"),
+        ("spacing", "GetSpacing"),
+        ("origin", "GetOrigin"),
+        ("direction", "GetDirection"),
+    ):
+        np.testing.assert_allclose(getattr(result.image, get)(), getattr(image, get)(), rtol=0, atol=1e-9, err_msg=name)
     assert result.image.GetPixelID() == image.GetPixelID()
     before, after = sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(result.image)
     brain = sitk.GetArrayViewFromImage(result.brain_mask) > 0
@@ -196,8 +203,7 @@ def test_registration_is_reproducible(scans):
     head = image_like(head_mask(image).astype(np.uint8), image)
     points = [(0.0, 80.0, -40.0), (30.0, -60.0, 20.0)]
     # On 8 mm copies to keep it quick; the same code runs at 4 mm.
-    first, second = (register(image, template.image, head, template.head, spacing_mm=8.0, seed=3)
-                     for _ in range(2))
+    first, second = (register(image, template.image, head, template.head, spacing_mm=8.0, seed=3) for _ in range(2))
     assert [first.TransformPoint(p) for p in points] == [second.TransformPoint(p) for p in points]
 
 
@@ -236,8 +242,9 @@ def test_quickshear_plane_follows_the_anatomy_not_the_voxel_axes(scans):
     brain = sitk.GetArrayFromImage(brain_image) > 0
     keep = shear_mask(brain, ras_affine(image), 10.0)
     # The same mask with the voxel axes reversed along K: the kept region is the same anatomy, reversed.
-    flipped_affine = ras_affine(image) @ np.array([[1, 0, 0, 0], [0, 1, 0, 0],
-                                                   [0, 0, -1, brain.shape[0] - 1], [0, 0, 0, 1]], float)
+    flipped_affine = ras_affine(image) @ np.array(
+        [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, brain.shape[0] - 1], [0, 0, 0, 1]], float
+    )
     keep_flipped = shear_mask(brain[::-1], flipped_affine, 10.0)
     assert np.array_equal(keep, keep_flipped[::-1])
     assert keep[brain].all() and (~keep).sum() > 0.1 * keep.size

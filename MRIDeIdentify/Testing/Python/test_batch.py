@@ -5,6 +5,7 @@ there. Every run passes one stand-in brain mask (a 45 mm ball at the LPS origin,
 each head's grid resamples): batch behaviour does not depend on the brain extractor, and deepbet would
 cost ~10 s a scan (test_pipeline covers it on every head).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,7 +56,7 @@ def make_mask(path: Path) -> Path:
     size, spacing = 70, 2.0
     centre = (size - 1) / 2.0
     k, j, i = np.indices((size, size, size))
-    ball = ((i - centre) ** 2 + (j - centre) ** 2 + (k - centre) ** 2) * spacing ** 2 <= 45.0 ** 2
+    ball = ((i - centre) ** 2 + (j - centre) ** 2 + (k - centre) ** 2) * spacing**2 <= 45.0**2
     mask = sitk.GetImageFromArray(ball.astype(np.uint8))
     mask.SetSpacing([spacing] * 3)
     mask.SetOrigin([-centre * spacing] * 3)
@@ -129,8 +130,7 @@ def test_bids_batch_writes_a_derivatives_dataset(first_run):
         sidecar = json.loads((out / re.sub(r"\.(nii\.gz|mgz)$", ".json", relative)).read_text())
         assert sidecar["method"] == "blur" and sidecar["brain_mask"] == "user"
     # Exactly the three T1w scans, their sidecars and the description: no T2w, no copied sidecar, no staging.
-    expected = {"dataset_description.json", *BIDS_SCANS,
-                *(re.sub(r"\.(nii\.gz|mgz)$", ".json", r) for r in BIDS_SCANS)}
+    expected = {"dataset_description.json", *BIDS_SCANS, *(re.sub(r"\.(nii\.gz|mgz)$", ".json", r) for r in BIDS_SCANS)}
     assert set(files_under(out)) == expected
     assert not [p for p in out.rglob(".*")], "a hidden staging folder was left behind"
 
@@ -155,8 +155,9 @@ def test_rerun_skips_existing_outputs_and_finishes_what_failed(tmp_path, first_r
     code, lines = batch(capfd, str(bids), str(out), "--method", "blur", "--brain-mask", str(mask))
     assert (code, summary(lines)) == (1, (0, 3, 1, 4))
     after = files_under(out)
-    assert {k: after[k] for k in before if k != "dataset_description.json"} == \
-           {k: v for k, v in before.items() if k != "dataset_description.json"}, "a finished scan was redone"
+    assert {k: after[k] for k in before if k != "dataset_description.json"} == {
+        k: v for k, v in before.items() if k != "dataset_description.json"
+    }, "a finished scan was redone"
 
     (bids / BROKEN).unlink()
     (bids / BROKEN).symlink_to(heads / BIDS_SCANS["sub-01/anat/sub-01_T1w.nii.gz"])
@@ -174,8 +175,7 @@ def test_shards_cover_every_scan_exactly_once(tmp_path, heads, mask, capfd):
     written = []
     for shard in ("0/2", "1/2"):
         before = set(files_under(out)) if out.exists() else set()
-        code, lines = batch(capfd, str(bids), str(out), "--method", "blur", "--brain-mask", str(mask),
-                            "--shard", shard)
+        code, lines = batch(capfd, str(bids), str(out), "--method", "blur", "--brain-mask", str(mask), "--shard", shard)
         assert code == 0, lines
         assert summary(lines) == (2, 0, 0, 2)
         written.append({p for p in set(files_under(out)) - before if p in scans})
@@ -204,6 +204,7 @@ def test_a_dicom_folder_holding_two_series_gives_two_outputs(tmp_path, mask, cap
     if not DICOM_DIR.is_dir():
         pytest.skip(SKIP_REASON)
     from MRIDeIdentifyLib.dicom import list_series
+
     source = tmp_path / "scans" / "DOE^JANE"
     source.mkdir(parents=True)
     for name in ("5_anat-T1w_acq-tfl.dcm", "6_anat-T1w_acq-tfl.dcm"):
@@ -213,8 +214,12 @@ def test_a_dicom_folder_holding_two_series_gives_two_outputs(tmp_path, mask, cap
     out = tmp_path / "out"
     code, lines = batch(capfd, str(tmp_path / "scans"), str(out), "--method", "blur", "--brain-mask", str(mask))
     assert code == 0 and summary(lines) == (2, 0, 0, 2), lines
-    assert sorted(p.name for p in out.iterdir()) == ["dicom-series-0000", "dicom-series-0000.json",
-                                                     "dicom-series-0001", "dicom-series-0001.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dicom-series-0000",
+        "dicom-series-0000.json",
+        "dicom-series-0001",
+        "dicom-series-0001.json",
+    ]
     written = []
     for number, uid in enumerate(uids):
         source_image = read_volume(source, uid).image
@@ -241,6 +246,7 @@ def test_plain_folder_with_a_dicom_series(tmp_path, heads, mask, capfd):
     if not DICOM_DIR.is_dir():
         pytest.skip(SKIP_REASON)
     from MRIDeIdentifyLib import dicom
+
     if not hasattr(dicom, "write_series"):
         pytest.skip("the DICOM writer (dicom.write_series) is not available yet")
     source = tmp_path / "scans"
@@ -269,8 +275,9 @@ def test_participant_labels_select_subjects(tmp_path, heads, mask, capfd):
     """The BIDS-app convention: labels with or without their sub- prefix; the others are not touched."""
     bids = make_bids(tmp_path / "bids", heads)
     out = tmp_path / "out"
-    code, lines = batch(capfd, str(bids), str(out), "--method", "blur", "--brain-mask", str(mask),
-                        "--participant-label", "01", "sub-03")
+    code, lines = batch(
+        capfd, str(bids), str(out), "--method", "blur", "--brain-mask", str(mask), "--participant-label", "01", "sub-03"
+    )
     assert code == 0 and summary(lines) == (2, 0, 0, 2), lines
     written = {p for p in files_under(out) if p.endswith((".nii.gz", ".mgz"))}
     assert written == {"sub-01/anat/sub-01_T1w.nii.gz", "sub-03/ses-1/anat/sub-03_ses-1_T1w.mgz"}
@@ -278,11 +285,14 @@ def test_participant_labels_select_subjects(tmp_path, heads, mask, capfd):
 
 def test_session_labels_select_sessions(tmp_path, heads):
     from MRIDeIdentifyLib.batch import plan
+
     bids = make_bids(tmp_path / "bids", heads)
     tasks, is_bids, skipped = plan(bids, tmp_path / "out", sessions=["1"])
     assert is_bids and skipped == {}
-    assert [str(t.target.relative_to(tmp_path / "out")) for t in tasks] == \
-        ["sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz", "sub-03/ses-1/anat/sub-03_ses-1_T1w.mgz"]
+    assert [str(t.target.relative_to(tmp_path / "out")) for t in tasks] == [
+        "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz",
+        "sub-03/ses-1/anat/sub-03_ses-1_T1w.mgz",
+    ]
 
 
 @pytest.mark.parametrize("option, label", [("--participant-label", "07"), ("--session-label", "ses-2")])

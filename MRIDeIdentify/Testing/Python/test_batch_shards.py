@@ -6,6 +6,7 @@ Real processes on the small shared heads of test_batch (a BIDS dataset of links,
 means the same files, the same voxels byte for byte, the same sidecars but for their timings, and the same
 ``dataset_description.json``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,9 +45,14 @@ def contents(out: Path) -> Dict[str, object]:
             found[relative] = record
         else:
             image = read_volume(path).image
-            found[relative] = (hashlib.sha256(sitk.GetArrayViewFromImage(image).tobytes()).hexdigest(),
-                               image.GetPixelIDTypeAsString(), image.GetSize(), image.GetSpacing(),
-                               image.GetOrigin(), image.GetDirection())
+            found[relative] = (
+                hashlib.sha256(sitk.GetArrayViewFromImage(image).tobytes()).hexdigest(),
+                image.GetPixelIDTypeAsString(),
+                image.GetSize(),
+                image.GetSpacing(),
+                image.GetOrigin(),
+                image.GetDirection(),
+            )
     return found
 
 
@@ -86,12 +92,27 @@ def test_slurm_array_tasks_running_together_equal_one_batch(dataset, reference, 
     bids, mask = dataset
     out = tmp_path / "out"
     # --jobs 1 after the script's --jobs auto: three tasks on this shared machine keep one process each.
-    children = [subprocess.Popen(["bash", str(EXAMPLES / "slurm_array.sh"), str(bids), str(out), "--method", "blur",
-                                  "--brain-mask", str(mask), "--jobs", "1"],
-                                 env=environment(SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_MIN="1",
-                                                 SLURM_ARRAY_TASK_COUNT="3"),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for task in (1, 2, 3)]
+    children = [
+        subprocess.Popen(
+            [
+                "bash",
+                str(EXAMPLES / "slurm_array.sh"),
+                str(bids),
+                str(out),
+                "--method",
+                "blur",
+                "--brain-mask",
+                str(mask),
+                "--jobs",
+                "1",
+            ],
+            env=environment(SLURM_ARRAY_TASK_ID=str(task), SLURM_ARRAY_TASK_MIN="1", SLURM_ARRAY_TASK_COUNT="3"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for task in (1, 2, 3)
+    ]
     results = [child.communicate(timeout=600) for child in children]
     for child, (_, err) in zip(children, results):
         assert child.returncode == 0, err
@@ -103,15 +124,45 @@ def test_slurm_array_tasks_running_together_equal_one_batch(dataset, reference, 
 def test_parallel_shards_script_equals_one_batch_and_a_rerun_skips_everything(dataset, reference, tmp_path):
     bids, mask = dataset
     out = tmp_path / "out"
-    run = subprocess.run(["bash", str(EXAMPLES / "parallel_shards.sh"), str(bids), str(out), "2", "--method", "blur",
-                          "--brain-mask", str(mask)], env=environment(), capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            "bash",
+            str(EXAMPLES / "parallel_shards.sh"),
+            str(bids),
+            str(out),
+            "2",
+            "--method",
+            "blur",
+            "--brain-mask",
+            str(mask),
+        ],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr
     assert sorted(summaries(run.stderr)) == [(2, 0, 0, 2), (2, 0, 0, 2)]
     assert contents(out) == reference
     # An unsharded rerun (say, to finish failures) finds every scan done by the shards.
-    rerun = subprocess.run([sys.executable, "-m", "MRIDeIdentifyLib", "batch", str(bids), str(out), "--method",
-                            "blur", "--brain-mask", str(mask)], env=environment(), capture_output=True, text=True,
-                           timeout=600)
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "MRIDeIdentifyLib",
+            "batch",
+            str(bids),
+            str(out),
+            "--method",
+            "blur",
+            "--brain-mask",
+            str(mask),
+        ],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert rerun.returncode == 0 and summaries(rerun.stderr) == [(0, 4, 0, 4)], rerun.stderr
     assert contents(out) == reference
 
@@ -122,9 +173,26 @@ def test_two_worker_processes_equal_one_batch_and_report_a_failure(dataset, refe
     _, mask = dataset
     bids = make_bids(tmp_path / "bids", shared_data / "heads", broken=True)
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "MRIDeIdentifyLib", "batch", str(bids), str(out), "--method",
-                          "blur", "--brain-mask", str(mask), "--jobs", "2"], env=environment(),
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "MRIDeIdentifyLib",
+            "batch",
+            str(bids),
+            str(out),
+            "--method",
+            "blur",
+            "--brain-mask",
+            str(mask),
+            "--jobs",
+            "2",
+        ],
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 1, run.stderr
     assert summaries(run.stderr) == [(3, 0, 1, 4)] and "2 worker processes" in run.stderr
     assert f"mri-deidentify: {BROKEN}: " in run.stderr and f"failed: {BROKEN}: " in run.stderr
@@ -136,11 +204,22 @@ def test_a_terminated_batch_leaves_nothing_partial_and_a_rerun_finishes(dataset,
     finished ones stay complete, and a rerun of the same command finishes the dataset as one plain batch."""
     bids, mask = dataset
     out, qa = tmp_path / "out", tmp_path / "qa"
-    command = [sys.executable, "-m", "MRIDeIdentifyLib", "batch", str(bids), str(out), "--method", "blur",
-               "--brain-mask", str(mask)]
+    command = [
+        sys.executable,
+        "-m",
+        "MRIDeIdentifyLib",
+        "batch",
+        str(bids),
+        str(out),
+        "--method",
+        "blur",
+        "--brain-mask",
+        str(mask),
+    ]
     # --qa makes the write phase seconds long (offscreen renders), so the staging folder is there to be caught.
-    child = subprocess.Popen(command + ["--qa", str(qa)], env=environment(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        command + ["--qa", str(qa)], env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 300
     while not list(out.glob("sub-*/**/.mrideidentify-*")):
         assert child.poll() is None and time.monotonic() < deadline, "no scan was caught while being written"

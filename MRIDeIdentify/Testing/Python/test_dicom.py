@@ -4,6 +4,7 @@ Every check compares against what pydicom or SimpleITK read from the files thems
 the dicom package's own bookkeeping: geometry from Image Position/Orientation (Patient), pixels from pydicom's
 pixel_array, PHI as the input's actual values searched as raw bytes in every output file.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,19 +31,59 @@ needs_data = pytest.mark.skipif(not (S01.is_dir() and S06.is_dir()), reason=SKIP
 
 # Attributes that identify the patient, the visit, the site or the instances (PS3.15 Table E.1-1 rows).
 PHI_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "PatientSize", "PatientWeight",
-    "OtherPatientIDs", "PatientAddress", "PatientComments", "IssuerOfPatientID",
-    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
-    "DeviceSerialNumber", "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
-    "StudyDescription", "SeriesDescription", "ProtocolName", "ImageComments", "StudyID", "AccessionNumber",
-    "PerformedProcedureStepID", "PerformedProcedureStepDescription", "RequestedProcedureDescription",
-    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "InstanceCreationDate", "AcquisitionDateTime",
-    "FrameAcquisitionDateTime", "FrameReferenceDateTime", "PerformedProcedureStepStartDate",
-    "PerformedProcedureStepEndDate", "IssueDateOfImagingServiceRequest",
-    "StudyTime", "SeriesTime", "AcquisitionTime", "ContentTime", "InstanceCreationTime",
-    "PerformedProcedureStepStartTime", "PerformedProcedureStepEndTime",
-    "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID",
-    "ReferencedSOPInstanceUID", "DimensionOrganizationUID", "MediaStorageSOPInstanceUID",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "OtherPatientIDs",
+    "PatientAddress",
+    "PatientComments",
+    "IssuerOfPatientID",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "StationName",
+    "DeviceSerialNumber",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "StudyDescription",
+    "SeriesDescription",
+    "ProtocolName",
+    "ImageComments",
+    "StudyID",
+    "AccessionNumber",
+    "PerformedProcedureStepID",
+    "PerformedProcedureStepDescription",
+    "RequestedProcedureDescription",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "InstanceCreationDate",
+    "AcquisitionDateTime",
+    "FrameAcquisitionDateTime",
+    "FrameReferenceDateTime",
+    "PerformedProcedureStepStartDate",
+    "PerformedProcedureStepEndDate",
+    "IssueDateOfImagingServiceRequest",
+    "StudyTime",
+    "SeriesTime",
+    "AcquisitionTime",
+    "ContentTime",
+    "InstanceCreationTime",
+    "PerformedProcedureStepStartTime",
+    "PerformedProcedureStepEndTime",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "FrameOfReferenceUID",
+    "ReferencedSOPInstanceUID",
+    "DimensionOrganizationUID",
+    "MediaStorageSOPInstanceUID",
 )
 SECRET = "test-dicom"
 
@@ -56,13 +97,17 @@ def _series_uids() -> List[str]:
 
 
 CASES = [pytest.param((S01, None), id="S01-classic")] + [
-    pytest.param((S06, uid), id=f"S06-enhanced-ser{n}") for n, uid in zip((5, 6), _series_uids())]
+    pytest.param((S06, uid), id=f"S06-enhanced-ser{n}") for n, uid in zip((5, 6), _series_uids())
+]
 
 
 def _input_files(folder: Path, uid: Optional[str]) -> List[Path]:
     files = sorted(folder.iterdir())
-    return [f for f in files if uid is None or str(pydicom.dcmread(str(f), stop_before_pixels=True)
-                                                   .SeriesInstanceUID) == uid]
+    return [
+        f
+        for f in files
+        if uid is None or str(pydicom.dcmread(str(f), stop_before_pixels=True).SeriesInstanceUID) == uid
+    ]
 
 
 def _slices(files: List[Path]) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -74,14 +119,27 @@ def _slices(files: List[Path]) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray,
         if "PerFrameFunctionalGroupsSequence" in ds:
             shared = ds.SharedFunctionalGroupsSequence[0]
             for index, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+
                 def get(keyword, frame=frame, shared=shared):
                     return (frame if keyword in frame else shared)[keyword][0]
-                out.append((np.array(get("PlanePositionSequence").ImagePositionPatient, float),
-                            np.array(get("PlaneOrientationSequence").ImageOrientationPatient, float),
-                            np.array(get("PixelMeasuresSequence").PixelSpacing, float), pixels[index]))
+
+                out.append(
+                    (
+                        np.array(get("PlanePositionSequence").ImagePositionPatient, float),
+                        np.array(get("PlaneOrientationSequence").ImageOrientationPatient, float),
+                        np.array(get("PixelMeasuresSequence").PixelSpacing, float),
+                        pixels[index],
+                    )
+                )
         else:
-            out.append((np.array(ds.ImagePositionPatient, float), np.array(ds.ImageOrientationPatient, float),
-                        np.array(ds.PixelSpacing, float), pixels))
+            out.append(
+                (
+                    np.array(ds.ImagePositionPatient, float),
+                    np.array(ds.ImageOrientationPatient, float),
+                    np.array(ds.PixelSpacing, float),
+                    pixels,
+                )
+            )
     return out
 
 
@@ -111,15 +169,25 @@ def written(request, tmp_path_factory) -> Dict[str, object]:
     values = sitk.GetArrayFromImage(image)
     box = np.zeros(values.shape, bool)
     k, j, i = values.shape
-    box[k // 4: 3 * k // 4, j // 4: 3 * j // 4, i // 4: 3 * i // 4] = True
+    box[k // 4 : 3 * k // 4, j // 4 : 3 * j // 4, i // 4 : 3 * i // 4] = True
     changed = values.copy()
     changed[~box] = (np.arange((~box).sum()) % 1000 + 7).astype(values.dtype)
     modified = image_like(changed, image)
     out = tmp_path_factory.mktemp("dicom") / "out"
-    files = dicom.write_series(modified, source, out, method="blur", tool_version=__version__,
-                               uid_map=dicom.UIDMap(SECRET))
-    return {"folder": folder, "uid": uid, "inputs": _input_files(folder, uid), "image": image, "source": source,
-            "changed": changed, "box": box, "out": out, "files": files}
+    files = dicom.write_series(
+        modified, source, out, method="blur", tool_version=__version__, uid_map=dicom.UIDMap(SECRET)
+    )
+    return {
+        "folder": folder,
+        "uid": uid,
+        "inputs": _input_files(folder, uid),
+        "image": image,
+        "source": source,
+        "changed": changed,
+        "box": box,
+        "out": out,
+        "files": files,
+    }
 
 
 @needs_data
@@ -169,8 +237,11 @@ def test_layout_is_kept(written):
     for ds in outputs:
         assert ds.SOPClassUID == inputs[0].SOPClassUID  # classic stays classic, enhanced stays enhanced
         assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
-        assert (ds.Rows, ds.Columns, ds.get("NumberOfFrames")) == (inputs[0].Rows, inputs[0].Columns,
-                                                                   inputs[0].get("NumberOfFrames"))
+        assert (ds.Rows, ds.Columns, ds.get("NumberOfFrames")) == (
+            inputs[0].Rows,
+            inputs[0].Columns,
+            inputs[0].get("NumberOfFrames"),
+        )
         assert (ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation) == (16, 12, 0)
         assert ds.PixelData and len(ds.PixelData) == ds.Rows * ds.Columns * int(ds.get("NumberOfFrames", 1)) * 2
     assert len({str(ds.SeriesInstanceUID) for ds in outputs}) == 1
@@ -178,8 +249,9 @@ def test_layout_is_kept(written):
     if "PerFrameFunctionalGroupsSequence" in inputs[0]:
         frames_in = inputs[0].PerFrameFunctionalGroupsSequence
         frames_out = outputs[0].PerFrameFunctionalGroupsSequence
-        assert [f.PlanePositionSequence[0].ImagePositionPatient for f in frames_out] == \
-            [f.PlanePositionSequence[0].ImagePositionPatient for f in frames_in]
+        assert [f.PlanePositionSequence[0].ImagePositionPatient for f in frames_out] == [
+            f.PlanePositionSequence[0].ImagePositionPatient for f in frames_in
+        ]
 
 
 def _walk_values(ds: pydicom.Dataset, keywords) -> Dict[str, set]:
@@ -190,6 +262,7 @@ def _walk_values(ds: pydicom.Dataset, keywords) -> Dict[str, set]:
         if element.keyword in keywords and element.VR != "SQ" and element.value not in (None, "", b""):
             values = element.value if isinstance(element.value, pydicom.multival.MultiValue) else [element.value]
             found.setdefault(element.keyword, set()).update(str(v).strip() for v in values if str(v).strip())
+
     ds.walk(visit)
     if hasattr(ds, "file_meta"):
         ds.file_meta.walk(visit)
@@ -201,8 +274,13 @@ def _kept_values(ds: pydicom.Dataset) -> set:
     kept = set()
 
     def visit(dataset, element):
-        if not element.tag.is_private and element.keyword not in PHI_KEYWORDS and element.VR not in ("SQ", "OB", "OW", "UN"):
+        if (
+            not element.tag.is_private
+            and element.keyword not in PHI_KEYWORDS
+            and element.VR not in ("SQ", "OB", "OW", "UN")
+        ):
             kept.add(str(element.value).strip())
+
     ds.walk(visit)
     return kept
 
@@ -289,13 +367,15 @@ def test_uid_mapping_is_stable_within_a_run_and_differs_across_runs(tmp_path):
     written = {}
     for uid in (ser5, ser6):
         image, source = dicom.read_series(S06, uid)
-        written[uid] = dicom.write_series(image, source, tmp_path / uid, method="blur", tool_version=__version__,
-                                          uid_map=run)[0]
+        written[uid] = dicom.write_series(
+            image, source, tmp_path / uid, method="blur", tool_version=__version__, uid_map=run
+        )[0]
     a, b = (pydicom.dcmread(str(written[u]), stop_before_pixels=True) for u in (ser5, ser6))
     original = pydicom.dcmread(str(_input_files(S06, ser5)[0]), stop_before_pixels=True)
     assert a.StudyInstanceUID == b.StudyInstanceUID == run(original.StudyInstanceUID)  # the study stays together
-    assert a.PatientID == b.PatientID and a.PatientID != dicom.UIDMap().pseudonym(f"{original.PatientID}|"
-                                                                                   f"{original.PatientName}")
+    assert a.PatientID == b.PatientID and a.PatientID != dicom.UIDMap().pseudonym(
+        f"{original.PatientID}|{original.PatientName}"
+    )
     assert a.SeriesInstanceUID != b.SeriesInstanceUID
     assert a.SeriesInstanceUID == run(ser5) and run(ser5) == run(ser5)
     assert a.StudyInstanceUID != original.StudyInstanceUID
@@ -308,8 +388,15 @@ def test_uid_mapping_is_stable_within_a_run_and_differs_across_runs(tmp_path):
 @needs_data
 def test_dates_can_be_shifted_instead_of_removed(tmp_path):
     image, source = dicom.read_series(S01)
-    files = dicom.write_series(image, source, tmp_path / "out", method="blur", tool_version=__version__,
-                               uid_map=dicom.UIDMap(), date_shift_days=-100)
+    files = dicom.write_series(
+        image,
+        source,
+        tmp_path / "out",
+        method="blur",
+        tool_version=__version__,
+        uid_map=dicom.UIDMap(),
+        date_shift_days=-100,
+    )
     before = pydicom.dcmread(str(source.files[0]), stop_before_pixels=True)
     after = pydicom.dcmread(str(files[0]), stop_before_pixels=True)
     for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
@@ -334,8 +421,9 @@ def test_non_identity_rescale_round_trips_stored_values(tmp_path):
     image, source = dicom.read_series(folder)
     stored = np.stack([pydicom.dcmread(str(p)).pixel_array for p in source.files])
     np.testing.assert_allclose(sitk.GetArrayFromImage(image), 2.0 * stored - 100)
-    files = dicom.write_series(image, source, tmp_path / "out", method="blur", tool_version=__version__,
-                               uid_map=dicom.UIDMap())
+    files = dicom.write_series(
+        image, source, tmp_path / "out", method="blur", tool_version=__version__, uid_map=dicom.UIDMap()
+    )
     for path, expected in zip(files, stored):
         ds = pydicom.dcmread(str(path))
         assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (2.0, -100.0)
@@ -354,8 +442,9 @@ def test_compressed_input_is_read_and_written_uncompressed(tmp_path):
     image, source = dicom.read_series(folder)
     stored = np.stack([pydicom.dcmread(str(p)).pixel_array for p in source.files])
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), stored)
-    files = dicom.write_series(image, source, tmp_path / "out", method="blur", tool_version=__version__,
-                               uid_map=dicom.UIDMap())
+    files = dicom.write_series(
+        image, source, tmp_path / "out", method="blur", tool_version=__version__, uid_map=dicom.UIDMap()
+    )
     for path, expected in zip(files, stored):
         ds = pydicom.dcmread(str(path))
         assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
@@ -434,15 +523,18 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
         if len(calls) == 3:
             raise OSError("disk full")
         original_save(ds, path)
+
     original_save = writing._save
     monkeypatch.setattr(writing, "_save", failing_save)
     with pytest.raises(OSError):
-        dicom.write_series(image, source, tmp_path / "out", method="blur", tool_version=__version__,
-                           uid_map=dicom.UIDMap())
+        dicom.write_series(
+            image, source, tmp_path / "out", method="blur", tool_version=__version__, uid_map=dicom.UIDMap()
+        )
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="size"):
-        dicom.write_series(image[:, :, :10], source, tmp_path / "out", method="blur", tool_version=__version__,
-                           uid_map=dicom.UIDMap())
+        dicom.write_series(
+            image[:, :, :10], source, tmp_path / "out", method="blur", tool_version=__version__, uid_map=dicom.UIDMap()
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -461,6 +553,7 @@ def test_slicer_archetype_reader_accepts_the_output(written):
     """The reader Slicer's DICOMScalarVolumePlugin loads scalar series with (vtkITK archetype, GDCM)."""
     import vtk
     from vtk.util import numpy_support
+
     slicer = _slicer()
     scene = slicer.vtkMRMLScene()
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
@@ -487,14 +580,16 @@ def test_slicer_archetype_reader_accepts_the_output(written):
 
 # One fast end-to-end run (enhanced, chosen with --series); the other inputs' writing is covered by the fast
 # write_series tests above, so their full runs are kept for the slow suite.
-CLI_CASES = [pytest.param(*case.values, marks=() if "ser5" in case.id else pytest.mark.slow, id=case.id)
-             for case in CASES]
+CLI_CASES = [
+    pytest.param(*case.values, marks=() if "ser5" in case.id else pytest.mark.slow, id=case.id) for case in CASES
+]
 
 
 @needs_data
 @pytest.mark.parametrize("case", CLI_CASES)
 def test_cli_run_writes_a_brain_exact_deidentified_series(case, tmp_path, capsys):
     from MRIDeIdentifyLib import cli
+
     folder, uid = case
     out, mask_path = tmp_path / "out", tmp_path / "brain.nii.gz"
     argv = ["run", str(folder), str(out), "--method", "blur", "--save-brain-mask", str(mask_path)]
@@ -518,6 +613,7 @@ def test_cli_run_writes_a_brain_exact_deidentified_series(case, tmp_path, capsys
 @needs_data
 def test_cli_malformed_dicom_folder_exits_2_and_writes_nothing(tmp_path, capsys):
     from MRIDeIdentifyLib import cli
+
     folder = tmp_path / "in"
     folder.mkdir()
     _malformed("truncated", folder)

@@ -1,4 +1,5 @@
 """The evaluation: rank statistics, ICP matching, exactness checks, fidelity, and a small end-to-end report."""
+
 from __future__ import annotations
 
 import csv
@@ -67,16 +68,20 @@ def test_icp_undoes_a_similarity_and_finds_the_same_person(s06):
     turn = Rotation.from_euler("xyz", [4, -3, 3], degrees=True).as_matrix()
     moved = 1.04 * (probe - frame.nose) @ turn.T + frame.nose + np.array([3.0, -2.0, 3.0])
     assert attacks.icp_distance(moved, frame, target, "similarity") < 0.3
-    assert attacks.icp_distance(moved, frame, target, "rigid") > attacks.icp_distance(moved, frame, target,
-                                                                                        "similarity")
+    assert attacks.icp_distance(moved, frame, target, "rigid") > attacks.icp_distance(
+        moved, frame, target, "similarity"
+    )
     # The second series of the same person is closer than another person's face.
     distances = {}
     for name, (_, other_surface, other_frame) in s06.items():
         if name.endswith("ser5"):
             continue
         distances[name] = attacks.icp_distance(
-            attacks.subsample(attacks.region_points(other_surface, other_frame, region), 1500), other_frame,
-            target, region.mode)
+            attacks.subsample(attacks.region_points(other_surface, other_frame, region), 1500),
+            other_frame,
+            target,
+            region.mode,
+        )
     assert distances["S06_dcmqa_xa30_T1w_ser6_2mm"] < distances["S05_mne_sample_T1_3mm"]
     # The similarity's scale is bounded: another face is not shrunk onto a point to reach distance 0.
     assert distances["S05_mne_sample_T1_3mm"] > 1.0
@@ -94,8 +99,11 @@ def test_exactness_catches_a_changed_brain_voxel_and_a_moved_grid(s06):
     changed = array.copy()
     changed[~brain] = 0
     output = image_like(changed, image)
-    assert exactness(image, output, brain) == {"grid_equal": True, "brain_exact": True,
-                                               "changed_fraction": pytest.approx(np.mean(changed != array))}
+    assert exactness(image, output, brain) == {
+        "grid_equal": True,
+        "brain_exact": True,
+        "changed_fraction": pytest.approx(np.mean(changed != array)),
+    }
     changed[50, 60, 60] += 1
     tampered = image_like(changed, image)
     assert exactness(image, tampered, brain)["brain_exact"] is False
@@ -117,6 +125,7 @@ def test_fidelity_same_scan_agrees_and_a_stripped_head_drifts(s06):
     array = sitk.GetArrayFromImage(image)
     head = array > render.skin_threshold(image)
     from scipy import ndimage
+
     stripped = np.where(ndimage.binary_erosion(head, iterations=8), array, 0).astype(array.dtype)
     scalp_gone = image_like(stripped, image)
     drift = fidelity.compare(original, fidelity.analyse(scalp_gone, spacing_mm=4.0))
@@ -127,8 +136,12 @@ def test_fidelity_same_scan_agrees_and_a_stripped_head_drifts(s06):
 def _small_dataset(shared_data, folder):
     """Two series of one person, one other person and one template, with crude brain masks put where the
     run looks for them (so this test skips deepbet and exercises resuming)."""
-    names = ["S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz", "S06_dcmqa_xa30_T1w_ser6_2mm.nii.gz",
-             "S05_mne_sample_T1_3mm.mgz", "T02_MNI152_T1_2mmEXT.nii.gz"]
+    names = [
+        "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz",
+        "S06_dcmqa_xa30_T1w_ser6_2mm.nii.gz",
+        "S05_mne_sample_T1_3mm.mgz",
+        "T02_MNI152_T1_2mmEXT.nii.gz",
+    ]
     data = folder / "data"
     data.mkdir()
     for name in names:
@@ -151,13 +164,30 @@ def test_evaluate_small_report(shared_data, tmp_path, capsys):
     from MRIDeIdentifyLib.evaluation import main
 
     data, out = _small_dataset(shared_data, tmp_path)
-    status = main(["--data", str(data), "--methods", "blur,skullstrip", "--out", str(out), "--no-fidelity",
-                   "--render-size", "320"])
+    status = main(
+        [
+            "--data",
+            str(data),
+            "--methods",
+            "blur,skullstrip",
+            "--out",
+            str(out),
+            "--no-fidelity",
+            "--render-size",
+            "320",
+        ]
+    )
     assert status == 0, "the controls should pass"
     summary = (out / "summary.md").read_text()
     assert "Controls passed: **yes**" in summary and "gallery of 4 original heads (1 templates" in summary
-    for name in ("per_scan.csv", "summary.csv", "plots/rank1.png", "plots/cost.png", "montage_blur.png",
-                 "montage_skullstrip.png"):
+    for name in (
+        "per_scan.csv",
+        "summary.csv",
+        "plots/rank1.png",
+        "plots/cost.png",
+        "montage_blur.png",
+        "montage_skullstrip.png",
+    ):
         assert (out / name).is_file(), name
     with (out / "per_scan.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -175,26 +205,36 @@ def test_evaluate_small_report(shared_data, tmp_path, capsys):
             assert row["detected"] == "False" and row["features_genuine_distance"] == ""
     # A second run reuses every work file.
     capsys.readouterr()
-    assert main(["--data", str(data), "--methods", "blur", "--out", str(out), "--no-fidelity",
-                 "--render-size", "320"]) == 0
+    assert (
+        main(["--data", str(data), "--methods", "blur", "--out", str(out), "--no-fidelity", "--render-size", "320"])
+        == 0
+    )
     assert "de-identifying" not in capsys.readouterr().err
 
 
 def test_evaluate_rejects_unknown_method_and_missing_folder(tmp_path, capsys):
     from MRIDeIdentifyLib.cli import main
 
-    assert main(["evaluate", "--data", str(tmp_path / "absent"), "--methods", "blur", "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(["evaluate", "--data", str(tmp_path / "absent"), "--methods", "blur", "--out", str(tmp_path / "o")]) == 2
+    )
     assert capsys.readouterr().err.startswith("mri-deidentify: error: ")
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "S01_x.nii.gz").symlink_to(tmp_path / "nowhere")  # discovered by name only
-    assert main(["evaluate", "--data", str(tmp_path / "d"), "--methods", "nosuchmethod", "--out",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(["evaluate", "--data", str(tmp_path / "d"), "--methods", "nosuchmethod", "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "mri-deidentify: error: " in capsys.readouterr().err
 
 
-FIVE_PEOPLE = ["S03_niivue_T1_2mm_mni.nii.gz", "S04_robex_ref_T1.nii.gz", "S05_mne_sample_T1_3mm.mgz",
-               "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz", "S12_colin27_ch2.nii.gz"]
+FIVE_PEOPLE = [
+    "S03_niivue_T1_2mm_mni.nii.gz",
+    "S04_robex_ref_T1.nii.gz",
+    "S05_mne_sample_T1_3mm.mgz",
+    "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz",
+    "S12_colin27_ch2.nii.gz",
+]
 
 
 def test_a_folder_without_template_gets_the_shipped_average_head(shared_data, tmp_path):
@@ -217,8 +257,11 @@ def test_a_folder_without_template_gets_the_shipped_average_head(shared_data, tm
 def test_controls_pass_without_a_same_person_pair_but_not_without_the_average_face():
     from MRIDeIdentifyLib.evaluation.report import controls_passed
 
-    rerender, average, same = ("control: re-render", (True, "")), ("control: average face", (True, "")), \
-        ("control: same person", (True, ""))
+    rerender, average, same = (
+        ("control: re-render", (True, "")),
+        ("control: average face", (True, "")),
+        ("control: same person", (True, "")),
+    )
     assert controls_passed(dict([rerender, average]))
     assert controls_passed(dict([rerender, average, same]))
     assert not controls_passed(dict([rerender, same]))

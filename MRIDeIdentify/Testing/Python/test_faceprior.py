@@ -1,4 +1,5 @@
 """The face prior (faceprior.py), its surface as a signed distance (skin.py), and its build script."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ def prior():
 
 
 def test_the_shipped_prior_is_small_verified_and_carries_its_licence(prior):
-    assert DEFAULT_PRIOR.stat().st_size <= 8 * 2 ** 20
+    assert DEFAULT_PRIOR.stat().st_size <= 8 * 2**20
     card = json.loads(DEFAULT_PRIOR.with_suffix(".json").read_text())
     assert "MIT" in card["licence"] and "USC Institute for Creative Technologies" in card["licence"]
     assert prior.n_modes == card["modes"] == 60
@@ -55,7 +56,7 @@ def test_the_skin_is_closed_and_faces_outwards(prior):
     assert all(count == 1 and edges[(b, a)] == 1 for (a, b), count in edges.items())
     a, b, c = (prior.mean[prior.triangles[:, n]] for n in range(3))
     volume = np.einsum("ij,ij->i", a, np.cross(b, c)).sum() / 6.0
-    assert 3.0e6 < volume < 8.0e6          # mm³: a head and neck, outward normals
+    assert 3.0e6 < volume < 8.0e6  # mm³: a head and neck, outward normals
     # LPS: the nose tip (landmark 30) is the most anterior (lowest P) point of the face, above the chin (8).
     nose, chin = prior.mean[prior.landmarks[30]], prior.mean[prior.landmarks[8]]
     assert nose[1] < prior.mean[:, 1].min() + 5.0 and chin[2] < nose[2]
@@ -73,7 +74,7 @@ def test_identities_are_clipped_reproducible_and_carry_shape_only(prior):
     scale, rotation, translation = similarity_fit(face, prior.mean)
     assert abs(scale - 1.0) < 1e-6 and np.allclose(rotation, np.eye(3), atol=1e-6)
     assert np.abs(translation).max() < 1e-6
-    assert np.sqrt(((face - prior.mean) ** 2).sum(1).mean()) > 2.0     # yet a different face, by millimetres
+    assert np.sqrt(((face - prior.mean) ** 2).sum(1).mean()) > 2.0  # yet a different face, by millimetres
 
 
 def _icosphere(radius: float, centre: np.ndarray):
@@ -129,17 +130,19 @@ def test_spheres_unite_with_the_mesh_and_the_rim_fades_into_air():
     # A voxel 3 mm inside the sphere standing off the mesh is inside the united surface.
     assert distance[29, 9, 29] < 0 and distance[29, 3, 29] > 0
     values = np.full(distance.shape, 100.0, np.float32)
-    values[distance < -8.0] = 40.0          # darker tissue deeper in: the skin layer must rise above it
+    values[distance < -8.0] = 40.0  # darker tissue deeper in: the skin layer must rise above it
     drawn = draw_skin(values, distance, (2.0, 2.0, 2.0), 10.0, 100.0)
-    assert drawn[(distance < -1.6) & (distance > -2.9)].min() == 100.0     # the layer, full to the rim's edge
-    assert drawn[distance < -9.0].max() == 40.0                              # the generator's values below it
-    assert drawn[distance > 2.0].max() == 10.0                               # air
+    assert drawn[(distance < -1.6) & (distance > -2.9)].min() == 100.0  # the layer, full to the rim's edge
+    assert drawn[distance < -9.0].max() == 40.0  # the generator's values below it
+    assert drawn[distance > 2.0].max() == 10.0  # air
     rim = np.abs(distance) < 1.0
     assert 10.0 < drawn[rim].mean() < 100.0
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "ict-facekit" / "ict_face_model_light.npz").is_file(),
-                    reason=f"the ICT face model arrays are not at {SHARED_DATA / 'ict-facekit'}")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "ict-facekit" / "ict_face_model_light.npz").is_file(),
+    reason=f"the ICT face model arrays are not at {SHARED_DATA / 'ict-facekit'}",
+)
 def test_the_build_script_reproduces_the_shipped_surface(tmp_path, prior):
     """The shipped file is what scripts/build_face_prior.py makes from shared/data/ict-facekit (the arrays that
     do not depend on the brain extractor: surface, modes, weights, landmarks)."""
@@ -151,7 +154,8 @@ def test_the_build_script_reproduces_the_shipped_surface(tmp_path, prior):
         import build_face_prior
     finally:
         sys.path.pop(0)
-    triangles, loops = build_face_prior.closed_skin(np.load(SHARED_DATA / "ict-facekit" /
-                                                            "ict_face_model_light.npz")["faces"])
-    assert len(loops) == 4                     # two eye openings, the mouth slit, the neck cut
+    triangles, loops = build_face_prior.closed_skin(
+        np.load(SHARED_DATA / "ict-facekit" / "ict_face_model_light.npz")["faces"]
+    )
+    assert len(loops) == 4  # two eye openings, the mouth slit, the neck cut
     assert len(triangles) + sum(len(loop) for loop in loops) == len(prior.triangles)

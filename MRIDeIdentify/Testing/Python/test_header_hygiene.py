@@ -5,6 +5,7 @@ aux_file, intent_name, db_name, data_type, a comment extension; NRRD comment, co
 a file name holding a patient's name. ``mri-deidentify run`` de-identifies it and every byte written (the image,
 decompressed, the brain mask and the JSON sidecar) is searched for each planted string.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -32,7 +33,7 @@ def _brain_box(image_path: Path, out: Path) -> Path:
     image = sitk.ReadImage(str(image_path))
     mask = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
     k, j, i = mask.shape
-    mask[k // 3: 2 * k // 3, j // 3: 2 * j // 3, i // 3: 2 * i // 3] = 1
+    mask[k // 3 : 2 * k // 3, j // 3 : 2 * j // 3, i // 3 : 2 * i // 3] = 1
     mask_image = image_like(mask, image)
     sitk.WriteImage(mask_image, str(out))
     return out
@@ -87,8 +88,17 @@ def test_planted_header_text_never_reaches_the_output(kind, head_path, tmp_path,
     suffix = ".nii.gz" if kind == "nifti" else ".nrrd"
     out, mask = tmp_path / "out" / f"deid{suffix}", tmp_path / "out" / f"brain{suffix}"
     brain = _brain_box(source, tmp_path / "box.nii.gz")
-    argv = ["run", str(source), str(out), "--method", "blur", "--brain-mask", str(brain), "--save-brain-mask",
-            str(mask)]
+    argv = [
+        "run",
+        str(source),
+        str(out),
+        "--method",
+        "blur",
+        "--brain-mask",
+        str(brain),
+        "--save-brain-mask",
+        str(mask),
+    ]
     assert cli.main(argv) == 0, capsys.readouterr().err
     written = sorted(p for p in out.parent.iterdir())
     assert {p.name for p in written} == {out.name, mask.name, "deid.json"}

@@ -1,5 +1,6 @@
 """Head mask: the fast hole filling, largest component, erosion and dilation equal scipy's on real heads and on
 random masks (hole filling in 3-D and per slice)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,9 +39,11 @@ def test_fill_holes_equals_scipy_in_3d_and_within_slices(head_path):
     for name, mask in _masks(head_path):
         np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask), err_msg=name)
         for axis in range(3):
-            np.testing.assert_array_equal(fill_holes(mask, within_slices_of=axis),
-                                          ndimage.binary_fill_holes(mask, structure=_planar(axis)),
-                                          err_msg=f"{name}, slices across axis {axis}")
+            np.testing.assert_array_equal(
+                fill_holes(mask, within_slices_of=axis),
+                ndimage.binary_fill_holes(mask, structure=_planar(axis)),
+                err_msg=f"{name}, slices across axis {axis}",
+            )
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
@@ -65,8 +68,11 @@ def test_erosion_dilation_and_largest_component_equal_scipy(head_path):
     for name, mask in _masks(head_path):
         np.testing.assert_array_equal(erode(mask), ndimage.binary_erosion(mask), err_msg=name)
         for iterations in (1, 3):
-            np.testing.assert_array_equal(dilate(mask, iterations), ndimage.binary_dilation(mask, iterations=iterations),
-                                          err_msg=f"{name}, {iterations} dilations")
+            np.testing.assert_array_equal(
+                dilate(mask, iterations),
+                ndimage.binary_dilation(mask, iterations=iterations),
+                err_msg=f"{name}, {iterations} dilations",
+            )
         labels, count = ndimage.label(mask)
         assert count > 1 or name.startswith("random"), name  # the real head's noise specks, the cube apart
         sizes = np.bincount(labels.ravel())

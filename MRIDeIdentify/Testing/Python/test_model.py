@@ -1,4 +1,5 @@
 """C-DeID-GAN networks (model.py): shapes at every scale, pyramids, losses, weights on disk."""
+
 from __future__ import annotations
 
 import json
@@ -7,15 +8,26 @@ import pytest
 import torch
 
 from MRIDeIdentifyLib.errors import InputError
-from MRIDeIdentifyLib.model import (DEFAULT_WEIGHTS, Discriminator, Generator, ModelConfig, blend,
-                                    discriminator_loss, gamma_pyramid, generator_loss, load_generator, noise,
-                                    pyramid, save_generator)
+from MRIDeIdentifyLib.model import (
+    DEFAULT_WEIGHTS,
+    Discriminator,
+    Generator,
+    ModelConfig,
+    blend,
+    discriminator_loss,
+    gamma_pyramid,
+    generator_loss,
+    load_generator,
+    noise,
+    pyramid,
+    save_generator,
+)
 
 
 def _ball(size: int, radius: float) -> torch.Tensor:
     axis = torch.arange(size) - (size - 1) / 2
     k, j, i = torch.meshgrid(axis, axis, axis, indexing="ij")
-    return (k ** 2 + j ** 2 + i ** 2).sqrt() <= radius * size
+    return (k**2 + j**2 + i**2).sqrt() <= radius * size
 
 
 def _gamma(batch: int, size: int) -> torch.Tensor:
@@ -25,7 +37,7 @@ def _gamma(batch: int, size: int) -> torch.Tensor:
     values = brain * (0.5 + 0.5 * torch.rand(size, size, size, generator=torch.Generator().manual_seed(1)))
     axis = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     k, j, i = torch.meshgrid(axis, axis, axis, indexing="ij")
-    skin = ((k ** 2 + j ** 2 + i ** 2).sqrt() / size - 0.42).mul(4.0).clamp(-1.0, 1.0)
+    skin = ((k**2 + j**2 + i**2).sqrt() / size - 0.42).mul(4.0).clamp(-1.0, 1.0)
     return torch.stack([hull, brain, values, skin])[None].repeat(batch, 1, 1, 1, 1)
 
 
@@ -33,7 +45,7 @@ def test_blocks_follow_the_size():
     for size, blocks in ((64, 5), (128, 6), (256, 7)):
         config = ModelConfig(size=size)
         assert config.n_blocks == blocks
-        assert config.scales() == [4 * 2 ** k for k in range(blocks)]
+        assert config.scales() == [4 * 2**k for k in range(blocks)]
         assert len(config.g_widths) == len(config.d_widths) == blocks
     with pytest.raises(ValueError):
         ModelConfig(size=48)
@@ -116,6 +128,6 @@ def test_save_load_is_bit_exact_and_checks_the_sha256(tmp_path):
 
 def test_shipped_weights_load():
     generator, config, sha = load_generator()
-    assert DEFAULT_WEIGHTS.stat().st_size <= 50 * 2 ** 20
+    assert DEFAULT_WEIGHTS.stat().st_size <= 50 * 2**20
     assert config.size == 64 and len(sha) == 64
     assert not generator.training

@@ -1,4 +1,5 @@
 """The model grid: canonical orientation whatever the scan's, the whole head inside, an exact way back."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,7 +48,7 @@ def test_whole_head_fits_in_the_cube(path):
     grid = ModelGrid.around(image, head, size=64)
     cube_head = grid.mask_to_model(head, image)
     native_ml = head.sum() * np.prod(image.GetSpacing()) / 1000
-    cube_ml = cube_head.sum() * grid.spacing ** 3 / 1000
+    cube_ml = cube_head.sum() * grid.spacing**3 / 1000
     assert abs(cube_ml - native_ml) / native_ml < 0.05
     for axis in range(3):
         assert not np.take(cube_head, 0, axis).any() and not np.take(cube_head, -1, axis).any()

@@ -1,4 +1,5 @@
 """End to end through the engine on every shared head: brain-exact, same grid, same dtype."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,6 +47,7 @@ def test_skullstrip_keeps_only_the_brain(head_path):
     assert np.array_equal(before[brain], after[brain])
     # Outside the brain only air is left: every voxel below the head threshold, the input's noise level.
     from MRIDeIdentifyLib.headmask import head_threshold
+
     outside = after[~brain].astype(float)
     assert outside.max() < head_threshold(image)
 
@@ -67,8 +69,17 @@ def test_user_mask_on_another_grid_is_resampled_and_margin_grows_it(head_path):
     direction = np.array(mask.GetDirection()).reshape(3, 3)
     size = [int(np.ceil(n * s / 1.3)) + 10 for n, s in zip(mask.GetSize(), mask.GetSpacing())]
     origin = np.array(mask.GetOrigin()) - direction @ np.full(3, 5 * 1.3)
-    coarse = sitk.Resample(mask, size, sitk.Transform(), sitk.sitkNearestNeighbor, origin.tolist(), [1.3] * 3,
-                           mask.GetDirection(), 0, sitk.sitkUInt8)
+    coarse = sitk.Resample(
+        mask,
+        size,
+        sitk.Transform(),
+        sitk.sitkNearestNeighbor,
+        origin.tolist(),
+        [1.3] * 3,
+        mask.GetDirection(),
+        0,
+        sitk.sitkUInt8,
+    )
     tight = deidentify(image, "blur", brain_mask=coarse, margin_mm=0.0)
     wide = deidentify(image, "blur", brain_mask=coarse, margin_mm=6.0)
     tight_mask = sitk.GetArrayFromImage(tight.brain_mask) > 0
@@ -104,6 +115,7 @@ def test_cancel_stops_the_run(head_path):
 
 def test_no_default_method_until_remodel_exists(head_path):
     from MRIDeIdentifyLib.methods import METHODS
+
     if "remodel" in METHODS:
         pytest.skip("remodel is registered: the default exists")
     with pytest.raises(InputError, match="--method"):
@@ -113,6 +125,7 @@ def test_no_default_method_until_remodel_exists(head_path):
 def _dicom_cases() -> list:
     from conftest import dicom_series
     from MRIDeIdentifyLib.dicom import list_series
+
     cases = []
     for folder in dicom_series():
         for info in list_series(folder):
@@ -127,12 +140,14 @@ def test_dicom_series_are_brain_exact(folder, uid):
     assert_same_grid(volume.image, result.image)
     brain = sitk.GetArrayViewFromImage(result.brain_mask) > 0
     assert brain.sum() > 1000
-    assert np.array_equal(sitk.GetArrayViewFromImage(volume.image)[brain],
-                          sitk.GetArrayViewFromImage(result.image)[brain])
+    assert np.array_equal(
+        sitk.GetArrayViewFromImage(volume.image)[brain], sitk.GetArrayViewFromImage(result.image)[brain]
+    )
 
 
 def test_margin_dilation_is_in_millimetres_on_anisotropic_voxels():
     from MRIDeIdentifyLib.brainmask import dilate_mm
+
     mask = np.zeros((21, 21, 21), bool)
     mask[10, 10, 10] = True
     # Voxels of 3 mm along k and 1 mm along j, i: a 3 mm margin reaches one voxel along k, three along j.
@@ -147,6 +162,7 @@ def test_margin_dilation_equals_the_distance_transform(head_path):
     from scipy import ndimage
 
     from MRIDeIdentifyLib.brainmask import dilate_mm
+
     image = read_volume(head_path).image
     head = sitk.GetArrayViewFromImage(image) > np.percentile(sitk.GetArrayViewFromImage(image), 70)
     for spacing in ((1.0, 1.0, 1.0), (2.0, 0.9, 0.9), (1.2, 1.0, 0.5)):
@@ -160,20 +176,24 @@ def test_brain_probability_is_resampled_to_native_as_on_the_whole_grid(shared_da
     """Resampling only the native voxels near deepbet's box gives what resampling the whole work grid gives, to
     float rounding (the region's origin is another point, so interpolation weights differ in the last bits)."""
     from MRIDeIdentifyLib.brainmask import _box_to_native, _from_ras_array, _ras_work_image
+
     image = read_volume(shared_data / "heads" / name).image
     work = _ras_work_image(image)
     size = work.GetSize()
     rng = np.random.default_rng(0)
     # Boxes inside the work grid and touching its faces, as deepbet's may.
-    for box in ((slice(20, size[0] - 30), slice(15, size[1] // 2), slice(size[2] // 3, size[2] - 5)),
-                (slice(0, size[0]), slice(0, 40), slice(size[2] - 50, size[2]))):
+    for box in (
+        (slice(20, size[0] - 30), slice(15, size[1] // 2), slice(size[2] // 3, size[2] - 5)),
+        (slice(0, size[0]), slice(0, 40), slice(size[2] - 50, size[2])),
+    ):
         inside = rng.random(tuple(s.stop - s.start for s in box)).astype(np.float32)
         whole = np.zeros(size, np.float32)
         whole[box] = inside
         reference = sitk.GetImageFromArray(_from_ras_array(whole))
         reference.CopyInformation(work)
-        expected = sitk.GetArrayFromImage(sitk.Resample(reference, image, sitk.Transform(), sitk.sitkLinear, 0.0,
-                                                        sitk.sitkFloat32))
+        expected = sitk.GetArrayFromImage(
+            sitk.Resample(reference, image, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        )
         assert expected.any()
         np.testing.assert_allclose(_box_to_native(inside, box, work, image), expected, rtol=0, atol=1e-6)
 
@@ -181,6 +201,7 @@ def test_brain_probability_is_resampled_to_native_as_on_the_whole_grid(shared_da
 def test_a_missing_optional_package_disables_only_its_method():
     import subprocess
     import sys
+
     code = (
         "import sys\n"
         "class Block:\n"

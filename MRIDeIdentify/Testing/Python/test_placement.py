@@ -1,5 +1,6 @@
 """Placing a face-prior identity from gamma alone (placement.py) on real heads: upright, oblique, partial fields of
 view; and fitting the prior to a training head's own face."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,8 +15,17 @@ from MRIDeIdentifyLib.faceprior import load_face_prior
 from MRIDeIdentifyLib.headmask import head_mask, head_threshold
 from MRIDeIdentifyLib.modelgrid import ModelGrid
 from MRIDeIdentifyLib.modelinputs import model_inputs
-from MRIDeIdentifyLib.placement import (brain_distance, draw_face, field_of_view, fit_identity, identity_rng,
-                                        native_skin, place, register_pose, skin_points)
+from MRIDeIdentifyLib.placement import (
+    brain_distance,
+    draw_face,
+    field_of_view,
+    fit_identity,
+    identity_rng,
+    native_skin,
+    place,
+    register_pose,
+    skin_points,
+)
 from MRIDeIdentifyLib.reader import read_volume
 
 from conftest import HEADS_DIR, SKIP_REASON
@@ -32,12 +42,20 @@ class Scan:
         self.head = head_mask(image, head_threshold(image), array=self.array)
         self.brain = dilate_mm(extract_brain_mask(image, torch.device("cpu")), image.GetSpacing()[::-1], 3.0)
         self.grid = ModelGrid.around(image, self.head, self.brain, size=64, array=self.array)
-        self.gamma = model_inputs(self.grid.to_model(image), self.grid.mask_to_model(self.brain, image),
-                                  seed=0).gamma.numpy()
+        self.gamma = model_inputs(
+            self.grid.to_model(image), self.grid.mask_to_model(self.brain, image), seed=0
+        ).gamma.numpy()
 
     def face(self, seed: int = 0, image: sitk.Image | None = None) -> np.ndarray:
-        return draw_face(load_face_prior(), seed, self.array[self.brain], self.gamma, self.grid,
-                         self.image if image is None else image, 1.0)
+        return draw_face(
+            load_face_prior(),
+            seed,
+            self.array[self.brain],
+            self.gamma,
+            self.grid,
+            self.image if image is None else image,
+            1.0,
+        )
 
     def surface(self) -> cKDTree:
         return cKDTree(skin_points(self.image, self.head, step=1))
@@ -67,8 +85,10 @@ def _assert_on_the_head(scan: Scan, vertices: np.ndarray, tolerance_mm: float = 
     surface = scan.surface()
     fov = field_of_view(scan.image, scan.grid)
     index = (vertices - np.asarray(scan.grid.origin)) / scan.grid.spacing
-    in_view = ndimage.map_coordinates(ndimage.binary_erosion(fov, iterations=2).astype(float), index[:, ::-1].T,
-                                      order=0) > 0.5
+    in_view = (
+        ndimage.map_coordinates(ndimage.binary_erosion(fov, iterations=2).astype(float), index[:, ::-1].T, order=0)
+        > 0.5
+    )
     upper = prior.mean[:, 2] > prior.mean[prior.landmarks[30], 2]
     distance = surface.query(vertices[upper & in_view])[0]
     assert np.median(distance) < tolerance_mm, np.median(distance)
@@ -82,8 +102,15 @@ def s06() -> Scan:
     return Scan(read_volume(HEADS_DIR / "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz").image)
 
 
-@pytest.mark.parametrize("name", ["S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz", "S05_mne_sample_T1_3mm.mgz",
-                                  "S13_seg3d_MR_T1.nii.gz", "S01_dcmqa_decubitus_HFS_T1fl2d_sag.nii.gz"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz",
+        "S05_mne_sample_T1_3mm.mgz",
+        "S13_seg3d_MR_T1.nii.gz",
+        "S01_dcmqa_decubitus_HFS_T1fl2d_sag.nii.gz",
+    ],
+)
 def test_the_face_sits_where_the_head_is(name, s06):
     """Whole-face (S06, S05), partial field of view (S13: eyes and up) and thick sagittal slices (S01): the placed
     skin follows the real head's outline above the nose (median < 6 mm), the eyes sit inside the head just
@@ -108,8 +135,14 @@ def test_an_oblique_scan_gets_its_face_on_its_face(s06):
     relative = poses[1].rotation @ poses[0].rotation.T
     angle = np.degrees(np.arccos(np.clip((np.trace(relative.T @ transform[:3, :3]) - 1) / 2, -1, 1)))
     assert angle < 12.0, angle
-    vertices = place(prior, prior.shape(prior.sample(np.random.default_rng(5))), other.gamma, other.grid,
-                     field_of_view(other.image, other.grid), poses[1])
+    vertices = place(
+        prior,
+        prior.shape(prior.sample(np.random.default_rng(5))),
+        other.gamma,
+        other.grid,
+        field_of_view(other.image, other.grid),
+        poses[1],
+    )
     _assert_on_the_head(other, vertices, tolerance_mm=12.0)
 
 

@@ -2,6 +2,7 @@
 
 Heads reach the transform as the ``remodel`` method gives them: read, head threshold and mask, model grid.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,7 +61,7 @@ def _is_lattice_convex(mask: np.ndarray) -> bool:
     points = np.argwhere(mask & ~ndimage.binary_erosion(mask))  # the boundary has the set's hull
     planes = torch.from_numpy(np.unique(np.round(ConvexHull(points.astype(np.float64)).equations, 9), axis=0))
     low, high = points.min(0), points.max(0) + 1
-    box = mask[low[0]:high[0], low[1]:high[1], low[2]:high[2]]
+    box = mask[low[0] : high[0], low[1] : high[1], low[2] : high[2]]
     others = torch.from_numpy((np.argwhere(~box) + low).astype(np.float64))
     separated = torch.zeros(len(others), dtype=torch.bool)
     for chunk in planes.split(256):
@@ -158,10 +159,12 @@ def test_random_rotations_are_uniform_rotations():
     # Haar measure on SO(3): every entry has mean 0 and variance 1/3, so the mean of n draws has standard
     # deviation sqrt(1 / (3 n)); allow 5 sigma.
     assert float(rotations.mean(0).abs().max()) < 5 * (1 / (3 * 20000)) ** 0.5
-    assert torch.equal(random_rotations(4, torch.Generator().manual_seed(1)),
-                       random_rotations(4, torch.Generator().manual_seed(1)))
-    assert not torch.equal(random_rotations(4, torch.Generator().manual_seed(1)),
-                           random_rotations(4, torch.Generator().manual_seed(2)))
+    assert torch.equal(
+        random_rotations(4, torch.Generator().manual_seed(1)), random_rotations(4, torch.Generator().manual_seed(1))
+    )
+    assert not torch.equal(
+        random_rotations(4, torch.Generator().manual_seed(1)), random_rotations(4, torch.Generator().manual_seed(2))
+    )
 
 
 def _binary_test_volume() -> torch.Tensor:
@@ -202,8 +205,10 @@ def test_probabilistic_pooling_is_binary_seeded_and_checks_its_input():
     assert pooled.shape == (2, 3, 4, 4, 4) and pooled.dtype == torch.float32
     assert set(torch.unique(pooled).tolist()) <= {0.0, 1.0}
     assert torch.equal(pooled, probabilistic_binary_pool(binary, 4, torch.Generator().manual_seed(5)))
-    assert not torch.equal(probabilistic_binary_pool(binary, 2, torch.Generator().manual_seed(5)),
-                           probabilistic_binary_pool(binary, 2, torch.Generator().manual_seed(6)))
+    assert not torch.equal(
+        probabilistic_binary_pool(binary, 2, torch.Generator().manual_seed(5)),
+        probabilistic_binary_pool(binary, 2, torch.Generator().manual_seed(6)),
+    )
     with pytest.raises(ValueError):
         probabilistic_binary_pool(binary[..., :15], 2)
 

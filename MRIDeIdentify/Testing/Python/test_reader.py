@@ -1,4 +1,5 @@
 """Reading every format and orientation into the same 3-D image; writing them back without loss."""
+
 from __future__ import annotations
 
 import nibabel as nib

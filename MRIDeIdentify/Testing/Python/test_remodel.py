@@ -1,4 +1,5 @@
 """The ``remodel`` method (C-DeID-GAN with the face prior) through the engine's pipeline on a real head."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -76,8 +77,13 @@ def test_a_missing_model_fails_before_the_brain_mask(image, tmp_path):
     """The model is checked first: a user must not wait for the brain extractor to learn the path is wrong."""
     stages = []
     with pytest.raises(InputError, match="not found"):
-        deidentify(image, "remodel", device="cpu", options={"model": str(tmp_path / "missing.safetensors")},
-                   progress=lambda stage, fraction: stages.append(stage))
+        deidentify(
+            image,
+            "remodel",
+            device="cpu",
+            options={"model": str(tmp_path / "missing.safetensors")},
+            progress=lambda stage, fraction: stages.append(stage),
+        )
     assert stages == []
 
 
@@ -118,8 +124,8 @@ def test_the_skin_is_the_sampled_surface_at_native_resolution(image, first):
     before, after = head_mask(image, threshold), head_mask(first.image, threshold)
     face = sitk.GetArrayFromImage(first.face_mask).astype(bool) & (before | after)
     changed = (before ^ after) & face
-    assert changed.sum() > 0.05 * face.sum()                    # a new outline, not the old one
+    assert changed.sum() > 0.05 * face.sum()  # a new outline, not the old one
     values = sitk.GetArrayFromImage(first.image).astype(np.float32)
-    inner = after & ~ndimage.binary_erosion(after)              # the skin's voxels
-    outer = ndimage.binary_dilation(after) & ~after             # the air touching them
+    inner = after & ~ndimage.binary_erosion(after)  # the skin's voxels
+    outer = ndimage.binary_dilation(after) & ~after  # the air touching them
     assert np.median(values[inner]) > 1.5 * threshold and np.median(values[outer]) < threshold

@@ -1,4 +1,5 @@
 """Offscreen face renderings: face-on whatever the orientation, same camera before/after, QA files."""
+
 from __future__ import annotations
 
 import nibabel as nib
@@ -28,7 +29,7 @@ def _synthetic_head(direction: np.ndarray, nose: bool = True) -> sitk.Image:
     inside = (x / 90) ** 2 + (y / 100) ** 2 + (z / 110) ** 2 < 1
     if nose:  # a cone 30 mm long in front of the face (anterior is -y in LPS), below the eyes' level
         along = -100 - y
-        inside |= (along > -10) & (along < 25) & (x ** 2 + (z + 20) ** 2 < (0.6 * (25 - along)) ** 2)
+        inside |= (along > -10) & (along < 25) & (x**2 + (z + 20) ** 2 < (0.6 * (25 - along)) ** 2)
     out = image_like((100.0 * inside).astype(np.float32), image)
     return out
 
@@ -64,8 +65,9 @@ def test_camera_sees_the_face_not_the_back():
     with_nose, without_nose = _synthetic_head(direction), _synthetic_head(direction, nose=False)
     front = [render.render_face(h, 50.0, size=SIZE).astype(float) for h in (with_nose, without_nose)]
     view = render.face_view(render.skin_surface(with_nose, 50.0), with_nose)
-    back = [render.render_face(h, 50.0, size=SIZE, yaw_deg=180, view=view).astype(float)
-            for h in (with_nose, without_nose)]
+    back = [
+        render.render_face(h, 50.0, size=SIZE, yaw_deg=180, view=view).astype(float) for h in (with_nose, without_nose)
+    ]
     # The nose changes the frontal picture near its centre and leaves the back view as it was.
     change = np.abs(front[0] - front[1])[..., 0]
     assert change.mean() > 3.0
@@ -108,8 +110,10 @@ def test_every_shared_head_renders_face_on(path):
         return
     # A face detector finds a face more readily in the frontal view than in the back view.
     detector = dlib.get_frontal_face_detector()
-    scores = [max(detector.run(np.asarray(Image.fromarray(p).resize((512, 512))), 1, -1.5)[1], default=-10.0)
-              for p in (front, back)]
+    scores = [
+        max(detector.run(np.asarray(Image.fromarray(p).resize((512, 512))), 1, -1.5)[1], default=-10.0)
+        for p in (front, back)
+    ]
     assert scores[0] > scores[1]
 
 
@@ -126,8 +130,13 @@ def test_write_qa_before_after(head_path, tmp_path):
     after = image_like(after_array, before)
 
     paths = render.write_qa(before, after, tmp_path / "qa", size=SIZE)
-    assert [p.name for p in paths] == ["qa_before_frontal.png", "qa_before_45deg.png", "qa_after_frontal.png",
-                                       "qa_after_45deg.png", "qa_before_after.png"]
+    assert [p.name for p in paths] == [
+        "qa_before_frontal.png",
+        "qa_before_45deg.png",
+        "qa_after_frontal.png",
+        "qa_after_45deg.png",
+        "qa_before_after.png",
+    ]
     pictures = {p.stem: np.asarray(Image.open(p)).astype(float) for p in paths}
     assert all(p.is_file() and p.stat().st_size > 1000 for p in paths)
     assert np.abs(pictures["qa_before_frontal"] - pictures["qa_after_frontal"]).mean() > 3.0

@@ -6,6 +6,7 @@ own C++ classes; only the Qt layer is absent (see slicer_scene.py, where its STA
 are real: this Python runs ``MRIDeIdentifySlicer.worker`` as the application's PythonSlicer would. Renders go to
 ``out/slicer-tests/`` so a person can look at them.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,9 @@ from slicer_scene import HeadlessSlicer, import_module_file, presets_directory  
 RENDER_DIR = REPO / "out" / "slicer-tests"
 # Slicer's volume reader cannot open FreeSurfer .mgz without the application's FreeSurfer importer.
 SLICER_READABLE = [p for p in head_files() if not p.name.endswith(".mgz")]
-needs_presets = pytest.mark.skipif(presets_directory() is None,
-                                   reason="presets.xml not found: pip install --no-deps trame-slicer")
+needs_presets = pytest.mark.skipif(
+    presets_directory() is None, reason="presets.xml not found: pip install --no-deps trame-slicer"
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +65,15 @@ def processed(headless, logic, head_path):
     brain = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "brain kept")
     face = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "face region")
     stages = []
-    outcome = logic.process(inputNode, None, "blur", device="cpu", outputBrainMaskNode=brain, outputFaceMaskNode=face,
-                            progress=lambda stage, fraction: stages.append((stage, fraction)))
+    outcome = logic.process(
+        inputNode,
+        None,
+        "blur",
+        device="cpu",
+        outputBrainMaskNode=brain,
+        outputFaceMaskNode=face,
+        progress=lambda stage, fraction: stages.append((stage, fraction)),
+    )
     return {"input": inputNode, "outcome": outcome, "brain": brain, "face": face, "stages": stages}
 
 
@@ -98,7 +107,8 @@ def _segment_array(segmentationNode, referenceNode) -> np.ndarray:
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__test__")
     try:
         assert slicer.vtkSlicerSegmentationsModuleLogic.ExportVisibleSegmentsToLabelmapNode(
-            segmentationNode, labelmap, referenceNode)
+            segmentationNode, labelmap, referenceNode
+        )
         assert np.allclose(_matrix(labelmap), _matrix(referenceNode))
         return slicer.util.arrayFromVolume(labelmap).copy() > 0
     finally:
@@ -112,6 +122,7 @@ def _remove(scene, *nodes) -> None:
 
 
 # --- node <-> SimpleITK geometry -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", params(SLICER_READABLE))
 def test_volume_node_to_image_is_the_same_physical_volume(path, headless, module):
@@ -128,8 +139,9 @@ def test_volume_node_to_image_is_the_same_physical_volume(path, headless, module
         assert image.GetSize() == reference.GetSize()
         assert np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-4)
         assert image.GetPixelID() == reference.GetPixelID()
-        same_grid = sitk.Resample(reference, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                                  reference.GetPixelID())
+        same_grid = sitk.Resample(
+            reference, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, reference.GetPixelID()
+        )
         assert np.array_equal(sitk.GetArrayFromImage(same_grid), sitk.GetArrayFromImage(image))
         # The array is a copy: editing the node afterwards does not change the image.
         before = sitk.GetArrayFromImage(image).copy()
@@ -140,6 +152,7 @@ def test_volume_node_to_image_is_the_same_physical_volume(path, headless, module
 
 
 # --- process (this process) ----------------------------------------------------------------------------------------
+
 
 def test_output_node_has_the_input_grid_type_and_no_identity(processed):
     inputNode, outputNode = processed["input"], processed["outcome"].outputVolumeNode
@@ -217,8 +230,9 @@ def test_user_brain_mask_from_a_labelmap_or_a_segmentation(processed, headless, 
     slicer.util.updateVolumeFromArray(labelmap, mask.astype(np.uint8))
     for brainMaskNode in (labelmap, processed["brain"]):
         kept = headless.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "kept")
-        outcome = logic.process(inputNode, None, "blur", brainMaskNode=brainMaskNode, marginMm=0.0, device="cpu",
-                                outputBrainMaskNode=kept)
+        outcome = logic.process(
+            inputNode, None, "blur", brainMaskNode=brainMaskNode, marginMm=0.0, device="cpu", outputBrainMaskNode=kept
+        )
         assert outcome.provenance["brain_mask"] == "user"
         assert np.array_equal(_segment_array(kept, inputNode), mask)
         before, after = slicer.util.arrayFromVolume(inputNode), slicer.util.arrayFromVolume(outcome.outputVolumeNode)
@@ -263,6 +277,7 @@ def test_cancel_raises_and_adds_nothing(processed, headless, logic):
 
 
 # --- the panel's path: the engine in a real child process ------------------------------------------------------------
+
 
 def _alive(pid: int) -> bool:
     """The process exists and is not a zombie waiting to be reaped."""
@@ -352,8 +367,9 @@ def test_cancel_ends_the_interpreter_a_launcher_started(processed, tmp_path):
     launcher.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\nexit $?\n')
     launcher.chmod(0o755)
     image = nodes.imageFromVolumeNode(processed["input"])
-    run = ChildRun.start(image, "blur", {"margin_mm": 3.0, "seed": 0, "device": "cpu", "options": {}},
-                         python=str(launcher))
+    run = ChildRun.start(
+        image, "blur", {"margin_mm": 3.0, "seed": 0, "device": "cpu", "options": {}}, python=str(launcher)
+    )
     try:
         while not any(event["event"] == "ready" for event in run.poll()) and not run.finished():
             time.sleep(0.05)
@@ -376,8 +392,12 @@ def test_a_child_that_dies_is_reported_with_its_output(processed, tmp_path):
     crashing = tmp_path / "crashing-python"
     crashing.write_text("#!/bin/sh\necho 'Killed: out of memory'\nexit 137\n")
     crashing.chmod(0o755)
-    run = ChildRun.start(nodes.imageFromVolumeNode(processed["input"]), "blur",
-                         {"margin_mm": 3.0, "seed": 0, "device": "cpu", "options": {}}, python=str(crashing))
+    run = ChildRun.start(
+        nodes.imageFromVolumeNode(processed["input"]),
+        "blur",
+        {"margin_mm": 3.0, "seed": 0, "device": "cpu", "options": {}},
+        python=str(crashing),
+    )
     try:
         assert run.wait(timeout=30)
         with pytest.raises(RuntimeError, match=r"stopped unexpectedly \(exit code 137\)(.|\n)*out of memory"):
@@ -403,6 +423,7 @@ def test_a_child_error_comes_back_in_the_panel_words(processed, logic, brain_lab
 
 # --- a parent transform ------------------------------------------------------------------------------------------
 
+
 def test_outputs_under_a_parent_transform_stay_in_place(processed, headless, logic, brain_labelmap):
     """Input under a +50 mm (and rotated) transform: the output volume and both segmentations sit under the same
     transform, where the input's voxels are; the segments are not moved a second time by the import."""
@@ -418,8 +439,16 @@ def test_outputs_under_a_parent_transform_stay_in_place(processed, headless, log
     for node in (inputNode, brain_labelmap):
         node.SetAndObserveTransformNodeID(transform.GetID())
     try:
-        outcome = logic.process(inputNode, None, "blur", brainMaskNode=brain_labelmap, marginMm=0.0, device="cpu",
-                                outputBrainMaskNode=brain, outputFaceMaskNode=face)
+        outcome = logic.process(
+            inputNode,
+            None,
+            "blur",
+            brainMaskNode=brain_labelmap,
+            marginMm=0.0,
+            device="cpu",
+            outputBrainMaskNode=brain,
+            outputFaceMaskNode=face,
+        )
         output = outcome.outputVolumeNode
         for node in (output, brain, face):
             assert node.GetTransformNodeID() == transform.GetID()
@@ -466,7 +495,7 @@ def test_unusable_inputs_give_clear_errors(processed, headless, logic):
     with pytest.raises(InputError, match="unknown method 'nonsense'.*blur"):
         logic.process(inputNode, None, "nonsense")
     with pytest.raises(InputError, match="unknown method 'nonsense'"):
-        logic.startProcess(inputNode, None, "nonsense")     # at the click, before any thread
+        logic.startProcess(inputNode, None, "nonsense")  # at the click, before any thread
     model = headless.scene.AddNewNodeByClass("vtkMRMLModelNode", "surface")
     with pytest.raises(ValueError, match="neither a segmentation nor a labelmap"):
         logic.process(inputNode, None, "blur", brainMaskNode=model)
@@ -475,6 +504,7 @@ def test_unusable_inputs_give_clear_errors(processed, headless, logic):
 
 
 # --- before/after --------------------------------------------------------------------------------------------------
+
 
 def _foreground(rgb: np.ndarray) -> np.ndarray:
     """Pixels that differ from the view's background (Slicer's background is a vertical gradient, so each row's
@@ -503,8 +533,10 @@ def test_before_after_views_render_the_two_volumes(processed, headless, logic):
     displays = scene.GetNumberOfNodesByClass("vtkMRMLVolumeRenderingDisplayNode")
     assert [view.GetID() for view in logic.showBeforeAfter(inputNode, outputNode)] == [left.GetID(), right.GetID()]
     assert scene.GetNumberOfNodesByClass("vtkMRMLVolumeRenderingDisplayNode") == displays, "not idempotent"
-    assert scene.GetFirstNodeByClass("vtkMRMLLayoutNode").GetViewArrangement() == \
-        slicer.vtkMRMLLayoutNode.SlicerLayoutDual3DView
+    assert (
+        scene.GetFirstNodeByClass("vtkMRMLLayoutNode").GetViewArrangement()
+        == slicer.vtkMRMLLayoutNode.SlicerLayoutDual3DView
+    )
     assert (left.GetLayoutName(), right.GetLayoutName()) == ("1", "2")
 
     vr = headless.volume_rendering_logic
@@ -512,8 +544,13 @@ def test_before_after_views_render_the_two_volumes(processed, headless, logic):
     for volume, view in ((inputNode, left), (outputNode, right)):
         display = vr.GetFirstVolumeRenderingDisplayNode(volume)
         assert display.GetVisibility() and list(display.GetViewNodeIDs()) == [view.GetID()]
-        assert sum(volume.GetNthDisplayNode(i).IsA("vtkMRMLVolumeRenderingDisplayNode")
-                   for i in range(volume.GetNumberOfDisplayNodes())) == 1
+        assert (
+            sum(
+                volume.GetNthDisplayNode(i).IsA("vtkMRMLVolumeRenderingDisplayNode")
+                for i in range(volume.GetNumberOfDisplayNodes())
+            )
+            == 1
+        )
         assert view.GetLinkedControl()
         properties.append(views.transferFunctionPoints(display.GetVolumePropertyNode()))
     assert properties[0] == properties[1], "the two views must use the same transfer functions"
@@ -545,25 +582,28 @@ def _hide_volume_renderings(headless) -> None:
 
 
 def _visible_volume_renderings(headless) -> int:
-    return sum(headless.scene.GetNthNodeByClass(i, "vtkMRMLVolumeRenderingDisplayNode").GetVisibility()
-               for i in range(headless.scene.GetNumberOfNodesByClass("vtkMRMLVolumeRenderingDisplayNode")))
+    return sum(
+        headless.scene.GetNthNodeByClass(i, "vtkMRMLVolumeRenderingDisplayNode").GetVisibility()
+        for i in range(headless.scene.GetNumberOfNodesByClass("vtkMRMLVolumeRenderingDisplayNode"))
+    )
 
 
 def _rescaled(image: sitk.Image, kind: str) -> sitk.Image:
     """The same head as a uint8 scan, a 12-bit scan in uint16, or a float scan in [0, 1]."""
     voxels = sitk.GetArrayFromImage(image).astype(np.float64)
     top = np.percentile(voxels, 99.9)
-    scaled = {"uint8": lambda v: np.clip(v / top * 255, 0, 255).astype(np.uint8),
-              "uint16-12bit": lambda v: np.clip(v / top * 4095, 0, 4095).astype(np.uint16),
-              "float01": lambda v: np.clip(v / top, 0, 1).astype(np.float32)}[kind](voxels)
+    scaled = {
+        "uint8": lambda v: np.clip(v / top * 255, 0, 255).astype(np.uint8),
+        "uint16-12bit": lambda v: np.clip(v / top * 4095, 0, 4095).astype(np.uint16),
+        "float01": lambda v: np.clip(v / top, 0, 1).astype(np.float32),
+    }[kind](voxels)
     out = sitk.GetImageFromArray(scaled)
     out.CopyInformation(image)
     return out
 
 
 @needs_presets
-def test_renders_show_the_head_for_uint8_12bit_and_float_scans(processed, headless, logic, brain_labelmap,
-                                                               tmp_path):
+def test_renders_show_the_head_for_uint8_12bit_and_float_scans(processed, headless, logic, brain_labelmap, tmp_path):
     """Slicer's MR preset copied unchanged shows nothing of a float [0, 1] head and a fog of noise around a 12-bit
     one. Fitted to each scan, the same head renders the same in both views whatever its voxel type."""
     from MRIDeIdentifySlicer import nodes, views
@@ -575,13 +615,17 @@ def test_renders_show_the_head_for_uint8_12bit_and_float_scans(processed, headle
         path = tmp_path / f"{kind}.nrrd"
         sitk.WriteImage(_rescaled(source, kind), str(path))
         inputNode = headless.load_volume(path, kind)
-        assert slicer.util.arrayFromVolume(inputNode).dtype == {"uint8": np.uint8, "uint16-12bit": np.uint16,
-                                                                "float01": np.float32}[kind]
+        assert (
+            slicer.util.arrayFromVolume(inputNode).dtype
+            == {"uint8": np.uint8, "uint16-12bit": np.uint16, "float01": np.float32}[kind]
+        )
         outcome = logic.process(inputNode, None, "blur", brainMaskNode=brain_labelmap, marginMm=0.0, device="cpu")
         left, right = logic.showBeforeAfter(inputNode, outcome.outputVolumeNode)
         vr = headless.volume_rendering_logic
-        points = [views.transferFunctionPoints(vr.GetFirstVolumeRenderingDisplayNode(node).GetVolumePropertyNode())
-                  for node in (inputNode, outcome.outputVolumeNode)]
+        points = [
+            views.transferFunctionPoints(vr.GetFirstVolumeRenderingDisplayNode(node).GetVolumePropertyNode())
+            for node in (inputNode, outcome.outputVolumeNode)
+        ]
         assert points[0] == points[1]
         assert _visible_volume_renderings(headless) == 2
         before, after = _render_pair(headless, left, right, kind)
@@ -604,8 +648,10 @@ def test_leaving_the_layout_restores_linked_view_control(processed, headless, lo
     inputNode, outputNode = processed["input"], processed["outcome"].outputVolumeNode
     layout = headless.scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
     layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
-    first = next(headless.scene.GetNthNodeByClass(i, "vtkMRMLViewNode")
-                 for i in range(headless.scene.GetNumberOfNodesByClass("vtkMRMLViewNode")))
+    first = next(
+        headless.scene.GetNthNodeByClass(i, "vtkMRMLViewNode")
+        for i in range(headless.scene.GetNumberOfNodesByClass("vtkMRMLViewNode"))
+    )
     first.SetLinkedControl(False)
     left, right = logic.showBeforeAfter(inputNode, outputNode)
     assert left.GetLinkedControl() and right.GetLinkedControl()
@@ -652,6 +698,7 @@ def test_no_rendering_environment_variable_is_set_in_the_process(tmp_path):
 
 # --- dependencies: checked and installed as a clinician would meet them ---------------------------------------------
 
+
 @pytest.fixture
 def engine_modules_restored():
     """The installer drops the engine's modules so they are imported afresh; other tests keep theirs."""
@@ -692,6 +739,7 @@ class _Recorder:
 
             def __exit__(self, *exc):
                 recorder.busy -= 1
+
         return Busy()
 
     def kinds(self):
@@ -704,8 +752,11 @@ def _pretend_missing(monkeypatch, dependencies, modules, torch_version="2.5.1"):
 
     state = {"installed": False}
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in modules and not state["installed"] else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in modules and not state["installed"] else real(name, *a),
+    )
     monkeypatch.setattr(dependencies, "torchVersion", lambda: torch_version)
     return state
 
@@ -739,8 +790,9 @@ def test_an_old_torch_counts_as_missing(monkeypatch):
     assert dependencies.torchReady()
 
 
-def test_install_asks_once_shows_status_and_runs_one_pinned_pip_call(monkeypatch, module, logic,
-                                                                     engine_modules_restored):
+def test_install_asks_once_shows_status_and_runs_one_pinned_pip_call(
+    monkeypatch, module, logic, engine_modules_restored
+):
     """PyTorch, then ONE ``pip install --no-deps`` with exact versions; the question is asked without a wait cursor,
     each status line is shown before its long call starts, and the method list is rebuilt afterwards."""
     from MRIDeIdentifyLib import methods
@@ -763,8 +815,13 @@ def test_install_asks_once_shows_status_and_runs_one_pinned_pip_call(monkeypatch
         recorder.pip(arguments)
         state["installed"] = True
 
-    assert logic.setupPythonRequirements(confirm=recorder.confirm, status=recorder.status, busy=recorder.wait_cursor,
-                                         pipInstall=pip, torchInstaller=torch_installer)
+    assert logic.setupPythonRequirements(
+        confirm=recorder.confirm,
+        status=recorder.status,
+        busy=recorder.wait_cursor,
+        pipInstall=pip,
+        torchInstaller=torch_installer,
+    )
     assert recorder.kinds() == ["confirm", "status", "torch", "status", "pip", "status"]
     question = recorder.calls[0][1]
     assert "PyTorch >= 2.1" in question and "deepbet==1.0.2" in question and "quickshear==1.2.0" in question
@@ -810,8 +867,7 @@ def test_engine_messages_name_panel_controls_not_flags():
     samples = {
         "--device cuda was asked for but torch sees no CUDA GPU": "Device 'cuda' was chosen (Advanced section)",
         "no brain found in the input (the brain localiser found nothing); pass --brain-mask": "Brain mask",
-        "the brain extractor deepbet is not installed: run `pip install --no-deps deepbet` (or pass --brain-mask)":
-            "click De-identify again to install it",
+        "the brain extractor deepbet is not installed: run `pip install --no-deps deepbet` (or pass --brain-mask)": "click De-identify again to install it",
         "unknown method 'x'; choose one of: blur": "unknown method",
         "model weights not found: /a.safetensors (and its .json config beside it)": "model weights not found",
     }
@@ -819,8 +875,9 @@ def test_engine_messages_name_panel_controls_not_flags():
         assert expected in inPanelTerms(message), inPanelTerms(message)
     engine = REPO / "MRIDeIdentify" / "MRIDeIdentifyLib"
     texts = []
-    for path in [engine / name for name in ("devices.py", "brainmask.py", "pipeline.py", "reader.py", "model.py")] + \
-            sorted((engine / "methods").glob("*.py")):
+    for path in [
+        engine / name for name in ("devices.py", "brainmask.py", "pipeline.py", "reader.py", "model.py")
+    ] + sorted((engine / "methods").glob("*.py")):
         texts += re.findall(r"(?:InputError|RuntimeError)\(\s*f?\"([^\"]*)\"(?:\s*f?\"([^\"]*)\")?", path.read_text())
     assert len(texts) > 15
     for parts in texts:
@@ -829,6 +886,7 @@ def test_engine_messages_name_panel_controls_not_flags():
 
 
 # --- the in-app self-test, where PyTorch is missing (the extension build servers) -----------------------------------
+
 
 def test_in_app_self_test_without_torch_checks_what_it_can_and_installs_nothing(head_path):
     """The module's ScriptedLoadableModuleTest, run as the application's --testing would, in a Python where torch
@@ -863,6 +921,7 @@ print("SELF-TEST OK")
 
 
 # --- parameters and defaults ---------------------------------------------------------------------------------------
+
 
 def test_panel_defaults_equal_the_engine_defaults(module):
     from MRIDeIdentifyLib import settings

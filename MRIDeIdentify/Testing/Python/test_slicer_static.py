@@ -3,6 +3,7 @@
 Nothing here needs Slicer: the .ui is parsed as XML, the module file and the engine as Python syntax trees, the
 CMake files as text. Each check names the file and the line or object to fix.
 """
+
 from __future__ import annotations
 
 import ast
@@ -32,11 +33,18 @@ SLICER_BUNDLED = {"numpy", "scipy", "SimpleITK", "vtk", "PIL", "pydicom"}
 NOT_REACHED_FROM_SLICER = {("confidentiality.py", "dicomanonymizer"): "writes de-identified DICOM series"}
 # Fields of Slicer's catalog-entry schema v1.0.1 (Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json).
 INDEX_REQUIRED = {"$schema", "category", "scm_url"}
-INDEX_ALLOWED = INDEX_REQUIRED | {"scm_revision", "scm_type", "build_dependencies", "build_subdirectory", "enabled",
-                                  "tier"}
+INDEX_ALLOWED = INDEX_REQUIRED | {
+    "scm_revision",
+    "scm_type",
+    "build_dependencies",
+    "build_subdirectory",
+    "enabled",
+    "tier",
+}
 
 
 # --- the panel (.ui) -------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ui() -> ET.Element:
@@ -62,17 +70,35 @@ def test_every_ui_attribute_the_widget_uses_exists(ui):
 
 def test_panel_has_the_sections_and_controls_of_the_issue(ui):
     widgets = _widgets(ui)
-    for name in ("inputsCollapsibleButton", "methodCollapsibleButton", "advancedCollapsibleButton",
-                 "outputsCollapsibleButton"):
+    for name in (
+        "inputsCollapsibleButton",
+        "methodCollapsibleButton",
+        "advancedCollapsibleButton",
+        "outputsCollapsibleButton",
+    ):
         assert widgets.get(name) == "ctkCollapsibleButton", name
-    for name in ("inputVolumeSelector", "brainMaskSelector", "outputVolumeSelector", "outputBrainMaskSelector",
-                 "outputFaceMaskSelector"):
+    for name in (
+        "inputVolumeSelector",
+        "brainMaskSelector",
+        "outputVolumeSelector",
+        "outputBrainMaskSelector",
+        "outputFaceMaskSelector",
+    ):
         assert widgets.get(name) == "qMRMLNodeComboBox", name
-    for name, cls in {"methodComboBox": "QComboBox", "deviceComboBox": "QComboBox", "seedSpinBox": "QSpinBox",
-                      "marginSpinBox": "QDoubleSpinBox", "rotationsSpinBox": "QSpinBox", "facetsSpinBox": "QSpinBox",
-                      "modelPathLineEdit": "ctkPathLineEdit", "applyButton": "QPushButton",
-                      "progressBar": "QProgressBar", "showBeforeAfterButton": "QPushButton",
-                      "saveQARendersButton": "QPushButton", "statusLabel": "QLabel"}.items():
+    for name, cls in {
+        "methodComboBox": "QComboBox",
+        "deviceComboBox": "QComboBox",
+        "seedSpinBox": "QSpinBox",
+        "marginSpinBox": "QDoubleSpinBox",
+        "rotationsSpinBox": "QSpinBox",
+        "facetsSpinBox": "QSpinBox",
+        "modelPathLineEdit": "ctkPathLineEdit",
+        "applyButton": "QPushButton",
+        "progressBar": "QProgressBar",
+        "showBeforeAfterButton": "QPushButton",
+        "saveQARendersButton": "QPushButton",
+        "statusLabel": "QLabel",
+    }.items():
         assert widgets.get(name) == cls, name
     apply_text = ui.find(".//widget[@name='applyButton']/property[@name='text']/string").text
     assert apply_text == "De-identify"
@@ -80,16 +106,19 @@ def test_panel_has_the_sections_and_controls_of_the_issue(ui):
 
 def test_node_comboboxes_have_node_types_and_are_wired_to_the_scene(ui):
     top = ui.find("widget").get("name")
-    wired = {(c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
-             for c in ui.iter("connection")}
+    wired = {
+        (c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
+        for c in ui.iter("connection")
+    }
     comboboxes = [w for w in ui.iter("widget") if w.get("class") == "qMRMLNodeComboBox"]
     assert len(comboboxes) == 5
     for combobox in comboboxes:
         name = combobox.get("name")
         types = [s.text for s in combobox.findall("property[@name='nodeTypes']/stringlist/string")]
         assert types and all(t.startswith("vtkMRML") for t in types), f"{name}: nodeTypes not set"
-        assert (top, "mrmlSceneChanged(vtkMRMLScene*)", name, "setMRMLScene(vtkMRMLScene*)") in wired, \
+        assert (top, "mrmlSceneChanged(vtkMRMLScene*)", name, "setMRMLScene(vtkMRMLScene*)") in wired, (
             f"{name} is not connected to {top}'s mrmlSceneChanged: it would list no nodes"
+        )
 
 
 def test_custom_widgets_are_declared(ui):
@@ -100,10 +129,14 @@ def test_custom_widgets_are_declared(ui):
 
 def test_signals_the_widget_connects_by_name_exist_on_those_classes(ui):
     """``widget.connect("signal(args)", slot)`` fails silently in Slicer when the signature is wrong."""
-    signals = {"qMRMLNodeComboBox": {"currentNodeChanged(vtkMRMLNode*)"},
-               "QComboBox": {"currentIndexChanged(int)"}, "QSpinBox": {"valueChanged(int)"},
-               "QDoubleSpinBox": {"valueChanged(double)"}, "ctkPathLineEdit": {"currentPathChanged(QString)"},
-               "QPushButton": {"clicked(bool)"}}
+    signals = {
+        "qMRMLNodeComboBox": {"currentNodeChanged(vtkMRMLNode*)"},
+        "QComboBox": {"currentIndexChanged(int)"},
+        "QSpinBox": {"valueChanged(int)"},
+        "QDoubleSpinBox": {"valueChanged(double)"},
+        "ctkPathLineEdit": {"currentPathChanged(QString)"},
+        "QPushButton": {"clicked(bool)"},
+    }
     widgets = _widgets(ui)
     source = MODULE_FILE.read_text()
     connected = re.findall(r"self\.ui\.(\w+)\.connect\(\s*\"([^\"]+)\"", source)
@@ -115,10 +148,15 @@ def test_signals_the_widget_connects_by_name_exist_on_those_classes(ui):
 def _module_constant(name: str):
     """A default the panel shows: the module takes it from the engine's settings (checked here from the source)."""
     tree = ast.parse(MODULE_FILE.read_text())
-    imported = {alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
-                and node.module == "MRIDeIdentifyLib.settings" for alias in node.names}
+    imported = {
+        alias.name
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom) and node.module == "MRIDeIdentifyLib.settings"
+        for alias in node.names
+    }
     assert name in imported, f"{name} must come from MRIDeIdentifyLib.settings"
     from MRIDeIdentifyLib import settings
+
     return getattr(settings, name)
 
 
@@ -151,6 +189,7 @@ def test_panel_loads_in_qt_with_the_module_defaults():
 
 # --- packaging: CMake, the Extensions Index entry, icon ----------------------------------------------------------
 
+
 def _cmake_list(text: str, variable: str) -> list[str]:
     match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
     assert match, f"{variable} is not set"
@@ -163,8 +202,11 @@ def _cmake_value(text: str, variable: str) -> str:
 
 
 def _files_under(folder: Path) -> set[str]:
-    return {p.relative_to(MODULE_DIR).as_posix() for p in folder.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+    return {
+        p.relative_to(MODULE_DIR).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+    }
 
 
 def test_module_cmake_lists_equal_the_files_on_disk():
@@ -175,18 +217,24 @@ def test_module_cmake_lists_equal_the_files_on_disk():
     resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
     assert len(scripts) == len(set(scripts)) and len(resources) == len(set(resources)), "duplicate entries"
     engine = _files_under(ENGINE_DIR)
-    expected_scripts = {"MRIDeIdentify.py"} | {f for f in engine | _files_under(SLICER_PACKAGE_DIR)
-                                               if f.endswith(".py")}
+    expected_scripts = {"MRIDeIdentify.py"} | {
+        f for f in engine | _files_under(SLICER_PACKAGE_DIR) if f.endswith(".py")
+    }
     expected_resources = _files_under(MODULE_DIR / "Resources") | {f for f in engine if not f.endswith(".py")}
     assert set(scripts) == expected_scripts, (
         f"MODULE_PYTHON_SCRIPTS: add {sorted(expected_scripts - set(scripts))}, "
-        f"remove {sorted(set(scripts) - expected_scripts)}")
+        f"remove {sorted(set(scripts) - expected_scripts)}"
+    )
     assert set(resources) == expected_resources, (
         f"MODULE_PYTHON_RESOURCES: add {sorted(expected_resources - set(resources))}, "
-        f"remove {sorted(set(resources) - expected_resources)}")
+        f"remove {sorted(set(resources) - expected_resources)}"
+    )
     assert "Resources/UI/MRIDeIdentify.ui" in resources and "Resources/Icons/MRIDeIdentify.png" in resources
-    assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}\s*SCRIPTS \$\{MODULE_PYTHON_SCRIPTS\}"
-                     r"\s*RESOURCES \$\{MODULE_PYTHON_RESOURCES\}", text)
+    assert re.search(
+        r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}\s*SCRIPTS \$\{MODULE_PYTHON_SCRIPTS\}"
+        r"\s*RESOURCES \$\{MODULE_PYTHON_RESOURCES\}",
+        text,
+    )
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
 
 
@@ -201,8 +249,13 @@ def test_extension_metadata_is_complete():
             assert url.startswith("https://raw.githubusercontent.com/mrideidentify/SlicerMRIDeIdentify/main/"), url
             path = url.split("/main/", 1)[1]
             assert (REPO / path).is_file(), f"EXTENSION_{key} points at {path}, which is not in the repository"
-    for line in ("find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(MRIDeIdentify)",
-                 "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+    for line in (
+        "find_package(Slicer REQUIRED)",
+        "include(${Slicer_USE_FILE})",
+        "add_subdirectory(MRIDeIdentify)",
+        "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+        "include(${Slicer_EXTENSION_CPACK})",
+    ):
         assert line in text, line
     assert (REPO / "LICENSE").is_file()
 
@@ -242,6 +295,7 @@ def test_icon_is_a_128_pixel_png():
 
 # --- Python: what runs inside Slicer ------------------------------------------------------------------------------
 
+
 def _engine_files() -> list[Path]:
     return sorted(p for p in ENGINE_DIR.rglob("*.py") if "__pycache__" not in p.parts)
 
@@ -262,8 +316,9 @@ def _imported_roots(tree: ast.AST) -> set[str]:
 
 
 def _top_level_imports(tree: ast.Module) -> set[str]:
-    return _imported_roots(ast.Module(body=[node for node in tree.body
-                                            if isinstance(node, (ast.Import, ast.ImportFrom))], type_ignores=[]))
+    return _imported_roots(
+        ast.Module(body=[node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))], type_ignores=[])
+    )
 
 
 def test_module_file_and_its_package_import_neither_torch_nor_the_engine_at_load():
@@ -276,10 +331,16 @@ def test_module_file_and_its_package_import_neither_torch_nor_the_engine_at_load
     used_engine = set()
     for path in _slicer_files():
         tree = ast.parse(path.read_text())
-        top_level = _top_level_imports(ast.Module(body=[
-            node for node in tree.body
-            if not (isinstance(node, ast.ImportFrom) and node.module == "MRIDeIdentifyLib.settings")],
-            type_ignores=[]))
+        top_level = _top_level_imports(
+            ast.Module(
+                body=[
+                    node
+                    for node in tree.body
+                    if not (isinstance(node, ast.ImportFrom) and node.module == "MRIDeIdentifyLib.settings")
+                ],
+                type_ignores=[],
+            )
+        )
         assert top_level <= allowed, f"{path.name} imports {sorted(top_level - allowed)} at load"
         used_engine |= _imported_roots(tree) & {"MRIDeIdentifyLib"}
     assert used_engine == {"MRIDeIdentifyLib"}, "the Logic must call the engine"
@@ -303,20 +364,35 @@ def test_module_file_holds_the_four_classes_and_no_helpers():
     functions = [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
     classes = [node.name for node in tree.body if isinstance(node, ast.ClassDef)]
     assert functions == [], f"module-level helpers in MRIDeIdentify.py: {functions}"
-    assert classes == ["MRIDeIdentify", "MRIDeIdentifyWidget", "ProcessOutcome", "_Request", "MRIDeIdentifyLogic",
-                       "MRIDeIdentifyTest"], classes
-    names = {node.name for path in _slicer_files()[1:] + _engine_files()
-             for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
+    assert classes == [
+        "MRIDeIdentify",
+        "MRIDeIdentifyWidget",
+        "ProcessOutcome",
+        "_Request",
+        "MRIDeIdentifyLogic",
+        "MRIDeIdentifyTest",
+    ], classes
+    names = {
+        node.name
+        for path in _slicer_files()[1:] + _engine_files()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.FunctionDef)
+    }
     logic = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "MRIDeIdentifyLogic")
-    private = {node.name for node in logic.body if isinstance(node, ast.FunctionDef) and node.name.startswith("_")
-               and not node.name.startswith("__")}
+    private = {
+        node.name
+        for node in logic.body
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("_") and not node.name.startswith("__")
+    }
     assert not private & names, f"the Logic redefines helpers that exist elsewhere: {sorted(private & names)}"
 
 
 def test_engine_never_imports_qt_ctk_or_slicer():
     for path in _engine_files():
         roots = _imported_roots(ast.parse(path.read_text()))
-        assert not roots & {"qt", "ctk", "slicer", "PythonQt", "PyQt5", "PySide2", "PySide6", "MRIDeIdentifySlicer"}, path
+        assert not roots & {"qt", "ctk", "slicer", "PythonQt", "PyQt5", "PySide2", "PySide6", "MRIDeIdentifySlicer"}, (
+            path
+        )
         assert "slicer.app" not in path.read_text(), path
 
 
@@ -366,8 +442,11 @@ def test_engine_dependencies_are_slicer_bundled_or_installed_by_the_module():
     """Everything the engine code the Logic runs imports (or finds by name) must exist in Slicer's Python once the
     module has run its installer: Slicer's own packages, torch (PyTorchUtils) or one of dependencies.REQUIREMENTS."""
     tree = ast.parse((SLICER_PACKAGE_DIR / "dependencies.py").read_text())
-    requirements = next(node.value for node in tree.body if isinstance(node, ast.AnnAssign)
-                        and getattr(node.target, "id", "") == "REQUIREMENTS")
+    requirements = next(
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "REQUIREMENTS"
+    )
     installed = {element.args[0].value for element in requirements.elts}
     allowed = SLICER_BUNDLED | {"torch"} | installed
     reached = _reached_from_the_logic()
@@ -375,15 +454,25 @@ def test_engine_dependencies_are_slicer_bundled_or_installed_by_the_module():
     assert "cli.py" not in {p.name for p in reached}
     for path in reached:
         tree = ast.parse(path.read_text())
-        found = {node.args[0].value for node in ast.walk(tree) if isinstance(node, ast.Call)
-                 and getattr(node.func, "attr", "") == "find_spec" and node.args
-                 and isinstance(node.args[0], ast.Constant)}
-        third_party = {root for root in _imported_roots(tree) | found
-                       if root not in sys.stdlib_module_names and root != "MRIDeIdentifyLib"
-                       and (path.name, root) not in NOT_REACHED_FROM_SLICER}
+        found = {
+            node.args[0].value
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and getattr(node.func, "attr", "") == "find_spec"
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        }
+        third_party = {
+            root
+            for root in _imported_roots(tree) | found
+            if root not in sys.stdlib_module_names
+            and root != "MRIDeIdentifyLib"
+            and (path.name, root) not in NOT_REACHED_FROM_SLICER
+        }
         assert third_party <= allowed, (
             f"{path.relative_to(REPO)} needs {sorted(third_party - allowed)}: add it to REQUIREMENTS in "
-            "MRIDeIdentifySlicer/dependencies.py (or to SLICER_BUNDLED here if Slicer ships it)")
+            "MRIDeIdentifySlicer/dependencies.py (or to SLICER_BUNDLED here if Slicer ships it)"
+        )
 
 
 def test_slicer_util_functions_are_called_through_slicer_util():
@@ -394,13 +483,25 @@ def test_slicer_util_functions_are_called_through_slicer_util():
     util = ast.parse(Path(spec.origin).read_text())
     util_names = {node.name for node in util.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     here = Path(__file__).parent
-    for path in [*_slicer_files(), REPO / "scripts" / "make_screenshot.py", here / "slicer_scene.py",
-                 here / "test_slicer_module.py", REPO / "benchmarks" / "bench_slicer_child.py"]:
+    for path in [
+        *_slicer_files(),
+        REPO / "scripts" / "make_screenshot.py",
+        here / "slicer_scene.py",
+        here / "test_slicer_module.py",
+        REPO / "benchmarks" / "bench_slicer_child.py",
+    ]:
         if not path.is_file():
             continue
-        misused = sorted({f"slicer.{node.attr} (line {node.lineno})" for node in ast.walk(ast.parse(path.read_text()))
-                          if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                          and node.value.id == "slicer" and node.attr in util_names})
+        misused = sorted(
+            {
+                f"slicer.{node.attr} (line {node.lineno})"
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "slicer"
+                and node.attr in util_names
+            }
+        )
         assert not misused, f"{path.name}: call these as slicer.util.X: {misused}"
 
 
@@ -410,8 +511,9 @@ def test_module_and_engine_parse_on_python_3_9():
     if vermin is None:
         pytest.skip("vermin is not installed (pip install vermin)")
     command = [vermin, "-q", "--no-tips", "--violations", "-t=3.9-"]
-    result = subprocess.run(command + [str(MODULE_FILE), str(SLICER_PACKAGE_DIR), str(ENGINE_DIR)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        command + [str(MODULE_FILE), str(SLICER_PACKAGE_DIR), str(ENGINE_DIR)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -457,10 +559,17 @@ def _runtime_unions(tree: ast.AST) -> list[int]:
 
     def is_type(node):
         return (isinstance(node, ast.Constant) and node.value is None) or (
-            isinstance(node, ast.Name) and node.id in types)
+            isinstance(node, ast.Name) and node.id in types
+        )
 
-    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr)
-            and id(node) not in annotations and (is_type(node.left) or is_type(node.right))]
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.BinOp)
+        and isinstance(node.op, ast.BitOr)
+        and id(node) not in annotations
+        and (is_type(node.left) or is_type(node.right))
+    ]
 
 
 def test_no_runtime_type_unions():
@@ -471,6 +580,7 @@ def test_no_runtime_type_unions():
 
 
 # --- the repository: under the Extensions Index's size check -------------------------------------------------------
+
 
 def test_repository_with_its_history_stays_under_the_index_size_limit():
     """The Extensions Index refuses repositories over 100 MB, history included. Every committed checkpoint stays in
@@ -486,8 +596,9 @@ def test_repository_with_its_history_stays_under_the_index_size_limit():
     if listed.returncode != 0:
         pytest.skip(listed.stderr.strip())
     names = "".join(line.split(" ", 1)[0] + "\n" for line in listed.stdout.splitlines())
-    sized = subprocess.run([git, "cat-file", "--batch-check=%(objectsize:disk)"], input=names, capture_output=True,
-                           text=True, cwd=REPO)
+    sized = subprocess.run(
+        [git, "cat-file", "--batch-check=%(objectsize:disk)"], input=names, capture_output=True, text=True, cwd=REPO
+    )
     assert sized.returncode == 0, sized.stderr
     mib = sum(int(size) for size in sized.stdout.split()) / 2**20
     assert mib > 1, "the history's objects were not all found"

@@ -1,4 +1,5 @@
 """Training (train.py): one step, a short overfit on a real head, DDP equivalence, exact resume, growing, export."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ from MRIDeIdentifyLib.model import Discriminator, Generator, ModelConfig, blend,
 def _ball(size: int, radius: float, centre=(0.0, 0.0, 0.0)) -> np.ndarray:
     axis = np.arange(size) - (size - 1) / 2
     k, j, i = np.meshgrid(axis, axis, axis, indexing="ij")
-    return ((k - centre[0] * size) ** 2 + (j - centre[1] * size) ** 2 + (i - centre[2] * size) ** 2) \
-        <= (radius * size) ** 2
+    return ((k - centre[0] * size) ** 2 + (j - centre[1] * size) ** 2 + (i - centre[2] * size) ** 2) <= (
+        radius * size
+    ) ** 2
 
 
 def _synthetic_head(size: int, name: str = "ball") -> train.Head:
@@ -32,7 +34,7 @@ def _synthetic_head(size: int, name: str = "ball") -> train.Head:
     # The face-prior skin channel: the scalp ball's signed distance in mm on a 256 mm cube.
     axis = (np.arange(size) - (size - 1) / 2) * (256.0 / size)
     k, j, i = np.meshgrid(axis, axis, axis, indexing="ij")
-    skin = np.sqrt(k ** 2 + j ** 2 + i ** 2) - 0.42 * 256.0
+    skin = np.sqrt(k**2 + j**2 + i**2) - 0.42 * 256.0
     return train.Head(name, volume.astype(np.float32), brain, skin.astype(np.float32))
 
 
@@ -46,8 +48,10 @@ def _models(size: int, seed: int = 0):
 def test_one_step_gives_finite_losses_and_changes_every_weight(size):
     config = train.TrainConfig(size=size, rotations=4)
     model_config, g, d = _models(size)
-    before = ({n: p.detach().clone() for n, p in g.named_parameters()},
-              {n: p.detach().clone() for n, p in d.named_parameters()})
+    before = (
+        {n: p.detach().clone() for n, p in g.named_parameters()},
+        {n: p.detach().clone() for n, p in d.named_parameters()},
+    )
     opt_g, opt_d = train.make_optimizer(g.parameters(), config), train.make_optimizer(d.parameters(), config)
     batch = train.make_batch([_synthetic_head(size)], config, model_config, torch.Generator().manual_seed(0), "cpu")
     losses = train.train_step(g, d, opt_g, opt_d, batch, config.recon_weight)
@@ -109,8 +113,10 @@ def _ddp_worker(rank: int, init_file: str, batch, out: str) -> None:
     ddp_g = torch.nn.parallel.DistributedDataParallel(g)
     ddp_d = torch.nn.parallel.DistributedDataParallel(d)
     opt_g, opt_d = _sgd(g), _sgd(d)
-    mine = {key: [t[rank:rank + 1] for t in value] if isinstance(value, list) else value[rank:rank + 1]
-            for key, value in batch.items()}
+    mine = {
+        key: [t[rank : rank + 1] for t in value] if isinstance(value, list) else value[rank : rank + 1]
+        for key, value in batch.items()
+    }
     train.train_step(ddp_g, ddp_d, opt_g, opt_d, mine, config.recon_weight)
     if rank == 0:
         torch.save({"g": g.state_dict(), "d": d.state_dict()}, out)
@@ -121,8 +127,12 @@ def _ddp_worker(rank: int, init_file: str, batch, out: str) -> None:
 def test_two_process_ddp_step_equals_the_single_process_step(tmp_path):
     config = train.TrainConfig(size=16, batch=2, rotations=4)
     model_config, g, d = _models(16)
-    heads = [_synthetic_head(16, "a"), train.Head("b", np.flip(_synthetic_head(16).volume, 1).copy(),
-                                                  _synthetic_head(16).brain, _synthetic_head(16).skin)]
+    heads = [
+        _synthetic_head(16, "a"),
+        train.Head(
+            "b", np.flip(_synthetic_head(16).volume, 1).copy(), _synthetic_head(16).brain, _synthetic_head(16).skin
+        ),
+    ]
     batch = train.make_batch(heads, config, model_config, torch.Generator().manual_seed(5), "cpu")
     opt_g, opt_d = _sgd(g), _sgd(d)
     train.train_step(g, d, opt_g, opt_d, batch, config.recon_weight)
@@ -151,8 +161,20 @@ def _dataset(tmp_path: Path, size: int) -> Path:
 
 def test_main_resumes_exactly_logs_and_exports(tmp_path):
     data = _dataset(tmp_path, 16)
-    common = ["--data", str(data), "--size", "16", "--threads", "1", "--rotations", "4", "--log-every", "1",
-              "--image-every", "2"]
+    common = [
+        "--data",
+        str(data),
+        "--size",
+        "16",
+        "--threads",
+        "1",
+        "--rotations",
+        "4",
+        "--log-every",
+        "1",
+        "--image-every",
+        "2",
+    ]
     run = tmp_path / "run"
     assert train.main(common + ["--out", str(run), "--steps", "2"]) == 0
     assert train.main(common + ["--out", str(run), "--steps", "3", "--resume"]) == 0
@@ -182,8 +204,24 @@ def test_main_resumes_exactly_logs_and_exports(tmp_path):
     (phase2 / "cache").mkdir(parents=True)
     for file in (run / "cache").iterdir():
         (phase2 / "cache" / file.name).write_bytes(file.read_bytes())
-    assert train.main(common + ["--out", str(phase2), "--steps", "2", "--init-from", str(run / "checkpoint.pt"),
-                                "--no-adversarial", "--betas", "0.9", "0.99"]) == 0
+    assert (
+        train.main(
+            common
+            + [
+                "--out",
+                str(phase2),
+                "--steps",
+                "2",
+                "--init-from",
+                str(run / "checkpoint.pt"),
+                "--no-adversarial",
+                "--betas",
+                "0.9",
+                "0.99",
+            ]
+        )
+        == 0
+    )
     second = train.load_checkpoint(phase2 / "checkpoint.pt")
     assert list(second["train_config"]["betas"]) == [0.9, 0.99]
     assert set(second["history"][-1]) == {"step", "wall_seconds", "recon"}
@@ -200,12 +238,40 @@ def test_main_runs_under_torchrun_with_two_gloo_processes(tmp_path):
     import sys
 
     data = _dataset(tmp_path, 16)
-    run = tmp_path / "run"      # holds the cache made by _dataset: no brain extractor on the phantoms
+    run = tmp_path / "run"  # holds the cache made by _dataset: no brain extractor on the phantoms
     torchrun = Path(sys.executable).parent / "torchrun"
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "MRIDeIdentifyLib.train",
-                           "--data", str(data), "--out", str(run), "--size", "16", "--steps", "3", "--threads", "1",
-                           "--rotations", "4", "--log-every", "1", "--image-every", "100", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "MRIDeIdentifyLib.train",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--size",
+            "16",
+            "--steps",
+            "3",
+            "--threads",
+            "1",
+            "--rotations",
+            "4",
+            "--log-every",
+            "1",
+            "--image-every",
+            "100",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     state = train.load_checkpoint(run / "checkpoint.pt")
     assert state["step"] == 3 and [h["step"] for h in state["history"]] == [1, 2, 3]
@@ -220,7 +286,7 @@ def test_the_first_log_after_a_resume_averages_only_the_steps_it_saw(tmp_path):
     common = ["--data", str(data), "--size", "16", "--threads", "1", "--rotations", "4", "--image-every", "100"]
     every_step = tmp_path / "every"
     (every_step / "cache").mkdir(parents=True)
-    for file in (tmp_path / "run" / "cache").iterdir():     # the phantoms' cache (no brain extractor, no fit)
+    for file in (tmp_path / "run" / "cache").iterdir():  # the phantoms' cache (no brain extractor, no fit)
         (every_step / "cache" / file.name).write_bytes(file.read_bytes())
     assert train.main(common + ["--out", str(every_step), "--steps", "2", "--log-every", "1"]) == 0
     paired = tmp_path / "paired"
