@@ -118,7 +118,16 @@ class ModelGrid:
     def to_model_raw(self, image: sitk.Image, default: float = 0.0) -> np.ndarray:
         """Like :meth:`to_model` without intensity normalisation (for masks and probabilities)."""
         source = sitk.Cast(image, sitk.sitkFloat32)
-        for axis, sigma in enumerate(_antialias_sigma(image.GetSpacing(), self.spacing)):
+        # Averaging bins of voxels first (each bin at most half a cube voxel) is anti-aliasing by itself and leaves
+        # the Gaussian a grid 8-64x smaller: on a 1 mm head that is most of the cost of entering the cube.
+        bins = [max(1, int(self.spacing / (2.0 * s))) for s in image.GetSpacing()]
+        if max(bins) > 1:
+            source = sitk.BinShrink(source, bins)
+        for axis, (sigma, spacing, n) in enumerate(
+            zip(_antialias_sigma(image.GetSpacing(), self.spacing), image.GetSpacing(), bins)
+        ):
+            # What the bin average (variance s^2 (n^2 - 1) / 12) left to remove.
+            sigma = float(np.sqrt(max(sigma**2 - spacing**2 * (n**2 - 1) / 12.0, 0.0)))
             # Axis by axis: thick slices already coarser than the cube need no smoothing along them.
             if sigma > 0.2 * self.spacing:
                 source = sitk.RecursiveGaussian(source, sigma, False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
@@ -150,6 +159,17 @@ class ModelGrid:
         grid.SetSpacing(reference.GetSpacing())
         grid.SetDirection(reference.GetDirection())
         grid.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in start[::-1]]))
+        steps = [max(1, int(self.spacing / (2.0 * s))) for s in reference.GetSpacing()]
+        if interpolator not in (sitk.sitkLinear, sitk.sitkNearestNeighbor) and max(steps) > 1:
+            # A higher-order interpolator onto every voxel of a fine grid costs seconds. The cube holds nothing
+            # finer than two of its voxels, so it goes onto a grid at least half a cube voxel apart with that
+            # interpolator, then linearly onto the input's voxels.
+            coarse = sitk.Image([-(-n // f) + 1 for n, f in zip(grid.GetSize(), steps)], sitk.sitkUInt8)
+            coarse.SetSpacing([s * f for s, f in zip(reference.GetSpacing(), steps)])
+            coarse.SetDirection(grid.GetDirection())
+            coarse.SetOrigin(grid.GetOrigin())
+            cube = sitk.Resample(cube, coarse, sitk.Transform(), interpolator, default, sitk.sitkFloat32)
+            interpolator = sitk.sitkLinear
         back = sitk.GetArrayFromImage(
             sitk.Resample(cube, grid, sitk.Transform(), interpolator, default, sitk.sitkFloat32)
         )
