@@ -6,7 +6,7 @@ function: the distance is computed on an axis-aligned working grid (``spacing_mm
 resampled (linear) onto the target grid, whose direction and spacing may be anything.
 
 Inside/outside comes from VTK's scan-line voxelisation of the closed mesh; distances are near-exact next to the
-surface, where the skin is drawn (nearest of dense samples of the triangles), and Euclidean distance transforms of
+surface, where the skin is drawn (to the triangle of the nearest of dense samples of the triangles), and Euclidean distance transforms of
 the voxelised surface further away, where only a clipped value is needed.
 """
 
@@ -64,14 +64,16 @@ def signed_distance(
         band = ndimage.binary_dilation(
             inside ^ ndimage.binary_erosion(inside), iterations=int(np.ceil(clip_mm / spacing_mm))
         )
-    # Exact distances near the surface, where the skin is drawn: nearest point of a dense sampling of the
-    # triangles (and the spheres' analytic distance).
+    # Exact distances near the surface, where the skin is drawn: the distance to the triangle of the nearest of
+    # samples a working voxel apart (never more than the distance to that sample, and exact wherever that triangle
+    # holds the closest point), and the spheres' analytic distance. An unbalanced tree builds ~10x faster here,
+    # and every query is independent, so all cores give the same answer as one.
     k, j, i = np.nonzero(band)
     points = np.stack([axes[0][i], axes[1][j], axes[2][k]], 1)
-    # Samples half a working voxel apart: within 0.05 mm of the exact distance on average (0.4 mm at worst, on
-    # the surface itself, where the stencil's sign decides); an unbalanced tree builds ~10x faster here.
-    samples = _surface_samples(vertices, triangles, spacing_mm / 2.0)
-    near = cKDTree(samples, balanced_tree=False, compact_nodes=False).query(points)[0]
+    samples, owner = _surface_samples(vertices, triangles, spacing_mm)
+    nearest = cKDTree(samples, balanced_tree=False, compact_nodes=False).query(points, workers=-1)[1]
+    corners = vertices[triangles[owner[nearest]]]
+    near = np.linalg.norm(points - _closest_on_triangles(points, corners[:, 0], corners[:, 1], corners[:, 2]), axis=1)
     if spheres is not None:
         centres, radius = spheres
         for centre in np.atleast_2d(centres):
@@ -121,26 +123,29 @@ def _voxelise(
     vertices: np.ndarray, triangles: np.ndarray, origin: np.ndarray, shape: Tuple[int, int, int], spacing: float
 ) -> np.ndarray:
     """bool KJI mask of the working grid's voxel centres inside the closed mesh (VTK scan-line stencil)."""
-    import vtk
-    from vtk.util import numpy_support
+    # The three VTK kits this needs, not the whole of `vtk` (0.7 s to import).
+    from vtkmodules.util import numpy_support
+    from vtkmodules.vtkCommonCore import vtkPoints
+    from vtkmodules.vtkCommonDataModel import vtkCellArray, vtkPolyData
+    from vtkmodules.vtkImagingStencil import vtkImageStencilToImage, vtkPolyDataToImageStencil
 
-    points = vtk.vtkPoints()
+    points = vtkPoints()
     points.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(vertices), deep=True))
-    cells = vtk.vtkCellArray()
+    cells = vtkCellArray()
     offsets = np.arange(0, 3 * len(triangles) + 1, 3, dtype=np.int64)
     cells.SetData(
         numpy_support.numpy_to_vtkIdTypeArray(offsets, deep=True),
         numpy_support.numpy_to_vtkIdTypeArray(np.ascontiguousarray(triangles, np.int64).ravel(), deep=True),
     )
-    mesh = vtk.vtkPolyData()
+    mesh = vtkPolyData()
     mesh.SetPoints(points)
     mesh.SetPolys(cells)
-    stencil = vtk.vtkPolyDataToImageStencil()
+    stencil = vtkPolyDataToImageStencil()
     stencil.SetInputData(mesh)
     stencil.SetOutputOrigin(*origin)
     stencil.SetOutputSpacing(spacing, spacing, spacing)
     stencil.SetOutputWholeExtent(0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
-    to_image = vtk.vtkImageStencilToImage()
+    to_image = vtkImageStencilToImage()
     to_image.SetInputConnection(stencil.GetOutputPort())
     to_image.SetInsideValue(1)
     to_image.SetOutsideValue(0)
@@ -159,16 +164,17 @@ def _distance(inside: np.ndarray, spacing: float, clip: float) -> np.ndarray:
     return np.clip(signed, -clip, clip).astype(np.float32)
 
 
-def _surface_samples(vertices: np.ndarray, triangles: np.ndarray, step: float) -> np.ndarray:
-    """Points (N, 3) covering every triangle on a barycentric lattice whose spacing is at most ``step`` mm."""
+def _surface_samples(vertices: np.ndarray, triangles: np.ndarray, step: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Points (N, 3) covering every triangle on a barycentric lattice whose spacing is at most ``step`` mm, and
+    the triangle (N,) each lies on."""
     a, b, c = (vertices[triangles[:, n]] for n in range(3))
     longest = np.max(
         [np.linalg.norm(b - a, axis=1), np.linalg.norm(c - b, axis=1), np.linalg.norm(a - c, axis=1)], axis=0
     )
     levels = np.maximum(1, np.ceil(longest / step).astype(int))
-    samples = [vertices]
+    samples, owners = [], []
     for n in np.unique(levels):
-        chosen = levels == n
+        chosen = np.flatnonzero(levels == n)
         u, v = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
         keep = (u + v) <= n
         u, v = u[keep] / n, v[keep] / n
@@ -176,7 +182,34 @@ def _surface_samples(vertices: np.ndarray, triangles: np.ndarray, step: float) -
         samples.append(
             (aa[:, None] + u[None, :, None] * (bb - aa)[:, None] + v[None, :, None] * (cc - aa)[:, None]).reshape(-1, 3)
         )
-    return np.concatenate(samples)
+        owners.append(np.repeat(chosen, len(u)))
+    return np.concatenate(samples), np.concatenate(owners)
+
+
+def _closest_on_triangles(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """The closest point (N, 3) to each ``p`` on its triangle (``a``, ``b``, ``c``), all (N, 3) mm: the Voronoi
+    region test of Ericson, Real-Time Collision Detection 5.1.5, row by row."""
+    ab, ac, ap = b - a, c - a, p - a
+    d1, d2 = np.einsum("ij,ij->i", ab, ap), np.einsum("ij,ij->i", ac, ap)
+    bp = p - b
+    d3, d4 = np.einsum("ij,ij->i", ab, bp), np.einsum("ij,ij->i", ac, bp)
+    cp = p - c
+    d5, d6 = np.einsum("ij,ij->i", ab, cp), np.einsum("ij,ij->i", ac, cp)
+    va, vb, vc = d3 * d6 - d5 * d4, d5 * d2 - d1 * d6, d1 * d4 - d3 * d2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # Inside the face, then the three edges, then the three vertices: later assignments take precedence.
+        total = va + vb + vc
+        result = a + ab * (vb / total)[:, None] + ac * (vc / total)[:, None]
+        edge_ab = (vc <= 0) & (d1 >= 0) & (d3 <= 0)
+        result[edge_ab] = (a + ab * (d1 / (d1 - d3))[:, None])[edge_ab]
+        edge_ac = (vb <= 0) & (d2 >= 0) & (d6 <= 0)
+        result[edge_ac] = (a + ac * (d2 / (d2 - d6))[:, None])[edge_ac]
+        edge_bc = (va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0)
+        result[edge_bc] = (b + (c - b) * ((d4 - d3) / ((d4 - d3) + (d5 - d6)))[:, None])[edge_bc]
+    result[(d1 <= 0) & (d2 <= 0)] = a[(d1 <= 0) & (d2 <= 0)]
+    result[(d3 >= 0) & (d4 <= d3)] = b[(d3 >= 0) & (d4 <= d3)]
+    result[(d6 >= 0) & (d5 <= d6)] = c[(d6 >= 0) & (d5 <= d6)]
+    return result
 
 
 # The skin's partial-volume rim on the native grid, in native voxels: tissue fades into air over this width.
