@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from MRIDeIdentifyLib.errors import InputError
 from MRIDeIdentifyLib.faceprior import CLIP_SIGMAS, DEFAULT_PRIOR, load_face_prior, similarity_fit
-from MRIDeIdentifyLib.skin import draw_skin, signed_distance
+from MRIDeIdentifyLib.skin import _closest_on_triangles, draw_skin, signed_distance
 
 from conftest import SHARED_DATA
 
@@ -159,3 +159,26 @@ def test_the_build_script_reproduces_the_shipped_surface(tmp_path, prior):
     )
     assert len(loops) == 4  # two eye openings, the mouth slit, the neck cut
     assert len(triangles) + sum(len(loop) for loop in loops) == len(prior.triangles)
+
+
+def test_closest_points_on_triangles_in_every_voronoi_region():
+    """The closest point on a triangle, checked against a dense barycentric sampling of it: points spread so that
+    the face, all three edges and all three corners are each the answer for some of them."""
+    rng = np.random.default_rng(3)
+    a, b, c = (rng.normal(0.0, 10.0, (400, 3)) for _ in range(3))
+    points = (a + b + c) / 3.0 + rng.normal(0.0, 15.0, (400, 3))
+    closest = _closest_on_triangles(points, a, b, c)
+    u, v = np.meshgrid(np.linspace(0, 1, 201), np.linspace(0, 1, 201), indexing="ij")
+    keep = u + v <= 1.0
+    u, v = u[keep], v[keep]
+    regions = set()
+    for n in range(len(points)):
+        lattice = a[n] + u[:, None] * (b[n] - a[n]) + v[:, None] * (c[n] - a[n])
+        brute = np.linalg.norm(lattice - points[n], axis=1)
+        found = np.linalg.norm(closest[n] - points[n])
+        # Never farther than the best lattice point, never nearer than the triangle allows (lattice step ~0.2 mm).
+        assert found <= brute.min() + 1e-9
+        assert found >= brute.min() - 0.2
+        best = np.argmin(brute)
+        regions.add((u[best] == 0) + 2 * (v[best] == 0) + 4 * (u[best] + v[best] >= 1.0 - 1e-9))
+    assert len(regions) == 7, regions
