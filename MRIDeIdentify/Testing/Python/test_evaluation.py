@@ -89,6 +89,60 @@ def test_icp_undoes_a_similarity_and_finds_the_same_person(s06):
     assert np.isnan(attacks.icp_distance(np.zeros((0, 3)), frame, target, "rigid"))
 
 
+def _frontal(path: Path, size: int = 256, yaw_deg: float = 0.0) -> np.ndarray:
+    """The head at ``path`` rendered as the gallery sees it (``GALLERY_POSE``), turned by ``yaw_deg``."""
+    image = read_volume(path).image
+    surface = render.skin_surface(image, render.skin_threshold(image))
+    yaw, pitch, azimuth, elevation = attacks.GALLERY_POSE
+    view = render.face_view(surface, image)
+    return render.render_surface(
+        surface, view, yaw_deg=yaw + yaw_deg, pitch_deg=pitch, size=size, light=(azimuth, elevation)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "face"),
+    [
+        ("S06_dcmqa_xa30_T1w_ser5_2mm.nii.gz", True),  # whole face, 2 mm MPRAGE
+        ("S04_robex_ref_T1.nii.gz", True),  # whole face, noisy background, 4-D (missed under the probe light)
+        ("S01_chris_t1_mricron.nii.gz", False),  # cut at the nose tip: the closest miss (confidence ~0.1)
+        ("S03_niivue_T1_2mm_mni.nii.gz", False),  # partial field of view, cut at the nose
+    ],
+)
+def test_realism_detector_sees_whole_faces_not_partial_ones(shared_data, name, face):
+    """dlib's CNN detector at the evaluation's settings, on real heads rendered small (256 px) as the gallery
+    sees them: a whole face is detected, a field of view cut at the eyes or the nose is not."""
+    confidence = attacks.detect_face(_frontal(shared_data / "heads" / name))
+    assert attacks.face_detected(confidence) is face, (name, confidence)
+    if face:  # with a margin: the threshold sits mid-gap, not at the edge of a whole face's confidence
+        assert confidence > attacks.DETECT_CONFIDENCE + 0.2, confidence
+
+
+def test_realism_detector_sees_no_face_on_the_back_of_a_head_or_a_blank(head_path):
+    assert attacks.face_detected(attacks.detect_face(_frontal(head_path)))
+    back = attacks.detect_face(_frontal(head_path, yaw_deg=180.0))
+    assert not attacks.face_detected(back), back
+    assert np.isnan(attacks.detect_face(np.zeros((256, 256, 3), np.uint8)))
+    assert attacks.face_models() is attacks.face_models(), "dlib's models are loaded once per process"
+
+
+def test_realism_counts_only_outputs_whose_original_shows_a_face():
+    from MRIDeIdentifyLib.evaluation.report import summarise
+
+    def output(detected, original_detected):
+        facts = {"detected": detected, "original_detected": original_detected}
+        return attacks.Probe(
+            "m", "s", {a: np.zeros(2) for a in attacks.ATTACKS}, np.array([True, False]), np.ones(2, bool), facts
+        )
+
+    probes = [output(True, True), output(False, True), output(True, False), output(False, False)]
+    row = summarise(probes, {})
+    assert (row["n_faced"], row["n_faced_detected"]) == (2, 1)
+    assert row["detection_rate_faced"] == 0.5 and row["detection_rate"] == 0.5
+    row = summarise([output(True, True), output(True, True), output(False, False)], {})
+    assert row["detection_rate_faced"] == 1.0 and row["detection_rate"] == pytest.approx(2 / 3)
+
+
 def test_exactness_catches_a_changed_brain_voxel_and_a_moved_grid(s06):
     from MRIDeIdentifyLib.evaluation.runner import exactness
 
@@ -180,6 +234,10 @@ def test_evaluate_small_report(shared_data, tmp_path, capsys):
     assert status == 0, "the controls should pass"
     summary = (out / "summary.md").read_text()
     assert "Controls passed: **yes**" in summary and "gallery of 4 original heads (1 templates" in summary
+    # Realism as the criterion words it (among outputs whose original shows a face), then over all outputs.
+    (skullstrip_row,) = [line for line in summary.splitlines() if line.startswith("| skullstrip | 3 |")]
+    assert "| 0 % (0/3) | 0 % |" in skullstrip_row, skullstrip_row
+    assert "The originals themselves: 100 % (3/3) have a detected face" in summary
     for name in (
         "per_scan.csv",
         "summary.csv",
@@ -200,9 +258,13 @@ def test_evaluate_small_report(shared_data, tmp_path, capsys):
             assert row["brain_exact"] == "True" and row["grid_equal"] == "True", row
         if row["group"] in ("control: re-render", "control: same person"):
             assert float(row["features_rank"]) == 1.0, row
+        if row["group"] == "control: re-render":
+            # The three real heads show a whole face: the realism detector finds it in the originals.
+            assert row["detected"] == "True" and float(row["face_confidence"]) > 0.5, row
         if row["group"] == "skullstrip":
             # No face left: no face found, and no skin in the feature region for ICP to match.
-            assert row["detected"] == "False" and row["features_genuine_distance"] == ""
+            assert row["detected"] == "False" and row["face_confidence"] == "", row
+            assert row["original_detected"] == "True" and row["features_genuine_distance"] == ""
     # A second run reuses every work file.
     capsys.readouterr()
     assert (
