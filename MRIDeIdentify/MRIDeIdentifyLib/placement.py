@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -54,8 +54,9 @@ class Pose:
         return self.scale * np.asarray(points, np.float64) @ self.rotation.T + self.translation
 
 
-def register_pose(gamma: np.ndarray, grid: ModelGrid, prior: FacePrior) -> Pose:
-    """The similarity that carries the prior frame onto the scan, from ``gamma`` (3, S, S, S) on ``grid``."""
+def register_pose(gamma: np.ndarray, grid: ModelGrid, prior: FacePrior, fov: Optional[np.ndarray] = None) -> Pose:
+    """The similarity that carries the prior frame onto the scan, from ``gamma`` (3, S, S, S) on ``grid``.
+    ``fov`` (bool (S, S, S)): the cube voxels inside the input's field of view; only they are compared."""
     labels = sitk.GetImageFromArray((gamma[0] + gamma[1]).astype(np.float32))
     labels.CopyInformation(grid.reference())
     reference = sitk.GetImageFromArray(prior.reference.astype(np.float32))
@@ -70,6 +71,12 @@ def register_pose(gamma: np.ndarray, grid: ModelGrid, prior: FacePrior) -> Pose:
         sitk.Similarity3DTransform(),
         sitk.CenteredTransformInitializerFilter.MOMENTS,
     )
+    mask = None
+    if fov is not None and fov.any():
+        # Beyond a field of view that ends at the nose, the scan's gamma is empty where the reference has a chin
+        # and neck: compared there, they pulled the face up by a centimetre or more.
+        mask = sitk.GetImageFromArray(ndimage.binary_erosion(fov, iterations=2).astype(np.uint8))
+        mask.CopyInformation(grid.reference())
     previous = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     # One thread per fit: ITK's per-thread partial sums make multi-threaded fits differ by micrometres between
     # runs. The starts run side by side instead (SimpleITK releases the GIL), each on the coarse level only; the
@@ -82,8 +89,10 @@ def register_pose(gamma: np.ndarray, grid: ModelGrid, prior: FacePrior) -> Pose:
             start.SetRotation((1.0, 0.0, 0.0), float(np.deg2rad(pitch)))
             starts.append(start)
         with ThreadPoolExecutor(len(starts)) as pool:
-            coarse = list(pool.map(lambda start: _register(fixed, moving, start, shrink=2, sigma_mm=4.0), starts))
-        similarity = _register(fixed, moving, min(coarse, key=lambda fit: fit[1])[0], shrink=1, sigma_mm=0.0)[0]
+            coarse = list(pool.map(lambda start: _register(fixed, moving, None, start, shrink=2, sigma_mm=4.0), starts))
+        similarity = _register(fixed, moving, None, min(coarse, key=lambda fit: fit[1])[0], shrink=1, sigma_mm=0.0)[0]
+        if mask is not None:
+            similarity = _register(fixed, moving, mask, similarity, shrink=1, sigma_mm=0.0)[0]
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(previous)
     # The registration maps scan points to prior points; the pose is its inverse.
@@ -98,12 +107,19 @@ def register_pose(gamma: np.ndarray, grid: ModelGrid, prior: FacePrior) -> Pose:
 
 
 def _register(
-    fixed: sitk.Image, moving: sitk.Image, start: sitk.Similarity3DTransform, shrink: int, sigma_mm: float
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    mask: Optional[sitk.Image],
+    start: sitk.Similarity3DTransform,
+    shrink: int,
+    sigma_mm: float,
 ) -> Tuple[sitk.Similarity3DTransform, float]:
-    """One mean-squares similarity fit of ``moving`` to ``fixed`` from ``start`` at one resolution level:
-    (the fitted transform, fixed -> moving points; the final metric value)."""
+    """One mean-squares similarity fit of ``moving`` to ``fixed`` (compared inside ``mask`` only, if given) from
+    ``start`` at one resolution level: (the fitted transform, fixed -> moving points; the final metric value)."""
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMeanSquares()
+    if mask is not None:
+        method.SetMetricFixedMask(mask)
     method.SetMetricSamplingStrategy(method.NONE)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetShrinkFactorsPerLevel([shrink])
@@ -191,7 +207,7 @@ def fit_identity(
     tree = cKDTree(points)
     inside = _Field(ndimage.binary_erosion(fov, iterations=2).astype(np.float32), grid, 0.0)
     weights = np.zeros(prior.n_modes)
-    posed = place(prior, prior.mean, gamma, grid, fov, register_pose(gamma, grid, prior))
+    posed = place(prior, prior.mean, gamma, grid, fov, register_pose(gamma, grid, prior, fov))
     scale, rotation, translation = similarity_fit(prior.mean, posed)
     used = (prior.face_weight > 0.5) & (inside(posed) > 0.5)
     if used.sum() < 100:
@@ -307,9 +323,8 @@ def draw_face(
     ``brain_values``: the input's voxels inside the dilated brain (the identity's random source with ``seed``,
     see :func:`identity_rng`); ``image``: the input (its field of view only)."""
     identity = prior.sample(identity_rng(seed, brain_values), sigma)
-    return place(
-        prior, prior.shape(identity), gamma, grid, field_of_view(image, grid), register_pose(gamma, grid, prior)
-    )
+    fov = field_of_view(image, grid)
+    return place(prior, prior.shape(identity), gamma, grid, fov, register_pose(gamma, grid, prior, fov))
 
 
 def face_prior_record(prior: FacePrior, sigma: float) -> dict:
