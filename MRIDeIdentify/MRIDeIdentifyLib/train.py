@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
+import operator
 import os
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -45,6 +47,7 @@ from .model import (
     discriminator_loss,
     gamma_pyramid,
     generator_loss,
+    last_convolution,
     noise,
     pyramid,
     save_generator,
@@ -207,9 +210,26 @@ def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Hea
     return heads
 
 
+@dataclass
+class Batch:
+    """The inputs of one training step. Each list is a pyramid, coarsest scale (4³) first, of (batch, channels,
+    S, S, S) tensors on the model grid (KJI): ``reals`` the heads (1 channel, normalised units), ``fractions``
+    the brain's share of each voxel (1 channel, 0..1), ``gammas`` the conditioning (modelinputs.condition);
+    ``noise`` is g_0, (batch, 1, 4, 4, 4)."""
+
+    reals: List[torch.Tensor]
+    fractions: List[torch.Tensor]
+    gammas: List[torch.Tensor]
+    noise: torch.Tensor
+
+
 def make_batch(
-    heads: List[Head], config: TrainConfig, model_config: ModelConfig, generator: torch.Generator, device: torch.device
-) -> Dict[str, object]:
+    heads: List[Head],
+    config: TrainConfig,
+    model_config: ModelConfig,
+    generator: torch.Generator,
+    device: torch.device | str,
+) -> Batch:
     """``config.batch`` random heads, augmented, with the conditioning built on each exactly as inference builds
     it (modelinputs): the inputs of :func:`train_step`."""
     from .modelinputs import condition, model_inputs
@@ -231,12 +251,12 @@ def make_batch(
     b = torch.stack(brains)[:, None].to(device=device, dtype=torch.float32)
     gamma = torch.stack(gammas).to(device)
     n = model_config.n_blocks
-    return {
-        "reals": pyramid(x, n),
-        "fractions": pyramid(b, n),
-        "gammas": gamma_pyramid(gamma, n, generator),
-        "noise": noise(config.batch, generator, device),
-    }
+    return Batch(
+        reals=pyramid(x, n),
+        fractions=pyramid(b, n),
+        gammas=gamma_pyramid(gamma, n, generator),
+        noise=noise(config.batch, generator, device),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- step
@@ -247,9 +267,9 @@ def train_step(
     discriminator: torch.nn.Module,
     opt_g: torch.optim.Optimizer,
     opt_d: torch.optim.Optimizer,
-    batch: Dict[str, object],
+    batch: Batch,
     recon_weight: float,
-    autocast=nullcontext,
+    autocast: Callable[[], ContextManager[object]] = nullcontext,
     adversarial: bool = True,
 ) -> Dict[str, float]:
     """One discriminator step then one generator step on ``batch`` (the generator step alone when not
@@ -259,10 +279,10 @@ def train_step(
     forward, one gradient all-reduce); in the generator step it runs unwrapped with frozen weights, since only
     the generator's gradients are wanted there.
     """
-    reals, gammas, fractions = batch["reals"], batch["gammas"], batch["fractions"]
+    reals, gammas, fractions = batch.reals, batch.gammas, batch.fractions
     with autocast():
-        fakes = blend(generator(gammas, batch["noise"]), gammas, fractions)
-    losses = {}
+        fakes = blend(generator(gammas, batch.noise), gammas, fractions)
+    losses: Dict[str, float] = {}
     if adversarial:
         both_gammas = [torch.cat([g, g]) for g in gammas]
         with autocast():
@@ -279,8 +299,11 @@ def train_step(
             real_scores, fake_scores = scores.float().chunk(2)
             loss_adversarial = generator_loss(real_scores, fake_scores)
         losses = {"loss_d": loss_d.item(), "loss_g": loss_adversarial.item()}
-    recon = sum(F.l1_loss(f.float(), r) for f, r in zip(fakes, reals)) / len(reals)
-    loss_g = recon_weight * recon + (loss_adversarial if adversarial else 0.0)
+    recon: torch.Tensor = functools.reduce(operator.add, [F.l1_loss(f.float(), r) for f, r in zip(fakes, reals)])
+    recon = recon / len(reals)
+    loss_g = recon_weight * recon
+    if adversarial:
+        loss_g = loss_g + loss_adversarial
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
@@ -296,11 +319,11 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
     decay = min(decay, (1.0 + step) / (10.0 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1.0 - decay)
-    for e, p in zip(ema.buffers(), model.buffers()):
-        e.copy_(p)
+    for buffer, source in zip(ema.buffers(), model.buffers()):
+        buffer.copy_(source)
 
 
-def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     from adamp import AdamP
 
     return AdamP(params, lr=config.lr, betas=tuple(config.betas))
@@ -319,9 +342,10 @@ def grow(generator: Generator, g_ema: Generator, smaller: dict) -> None:
         net.load_state_dict(_widen_inputs(smaller[key], net.state_dict()), strict=False)
         with torch.no_grad():
             for block in net.blocks[old.n_blocks :]:
-                last = block.body[-1]
+                last = last_convolution(block)
                 last.weight.zero_()
-                last.bias.zero_()
+                if last.bias is not None:
+                    last.bias.zero_()
 
 
 def _widen_inputs(old: dict, new: dict) -> dict:
@@ -511,7 +535,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         source = load_checkpoint(Path(config.init_from))
         grow(generator, g_ema, source)
         phases = list(source.get("phases", [])) + [phase_summary(source)]
-    g_train, d_train = generator, discriminator
+    g_train: torch.nn.Module = generator
+    d_train: torch.nn.Module = discriminator
     if ddp:
         ids = [local_rank] if device.type == "cuda" else None
         g_train = DistributedDataParallel(generator, device_ids=ids)
@@ -563,7 +588,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             running[key] = running.get(key, 0.0) + value
         window += 1
         bar.update(1)
-        if master and (step % config.log_every == 0 or step == config.steps):
+        if writer is not None and (step % config.log_every == 0 or step == config.steps):
             means = {k: v / window for k, v in running.items()}
             history.append({"step": step, "wall_seconds": round(wall, 1), **{k: round(v, 5) for k, v in means.items()}})
             for key, value in means.items():
@@ -571,7 +596,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
         if step % config.log_every == 0:
             running, window = {}, 0
-        if master and (step % config.image_every == 0 or step == 1):
+        if writer is not None and (step % config.image_every == 0 or step == 1):
             writer.add_image("mid-slices (real | fake | EMA fake)", _mid_slices(batch, generator, g_ema), step)
         out_of_time = config.minutes > 0 and time.time() - invoked > 60 * config.minutes
         if ddp and config.minutes > 0:
@@ -595,12 +620,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 @torch.no_grad()
-def _mid_slices(batch: Dict[str, object], generator: torch.nn.Module, g_ema: torch.nn.Module) -> torch.Tensor:
+def _mid_slices(batch: Batch, generator: torch.nn.Module, g_ema: torch.nn.Module) -> torch.Tensor:
     """(1, H, W) image: the first sample's three mid-slices, real over blended fake over blended EMA fake."""
-    gammas, fractions = batch["gammas"], batch["fractions"]
-    rows = [batch["reals"][-1][0, 0]]
+    gammas, fractions = batch.gammas, batch.fractions
+    rows = [batch.reals[-1][0, 0]]
     for net in (generator, g_ema):
-        rows.append(blend(net(gammas, batch["noise"]), gammas, fractions)[-1][0, 0].float())
+        rows.append(blend(net(gammas, batch.noise), gammas, fractions)[-1][0, 0].float())
     tiles = []
     for volume in rows:
         n = volume.shape[0] // 2

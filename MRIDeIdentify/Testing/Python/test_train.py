@@ -76,12 +76,12 @@ def test_l1_pretraining_step_leaves_the_discriminator_alone():
     assert not opt_d.state, "no discriminator step was taken"
 
 
-def _head_error(generator: Generator, batch) -> float:
+def _head_error(generator: Generator, batch: train.Batch) -> float:
     """Mean absolute error of the blended fake against the real head at full scale, outside the brain."""
     with torch.no_grad():
-        fake = blend(generator(batch["gammas"], batch["noise"]), batch["gammas"], batch["fractions"])[-1]
-    outside = batch["fractions"][-1] < 0.5
-    return float((fake - batch["reals"][-1]).abs()[outside].mean())
+        fake = blend(generator(batch.gammas, batch.noise), batch.gammas, batch.fractions)[-1]
+    outside = batch.fractions[-1] < 0.5
+    return float((fake - batch.reals[-1]).abs()[outside].mean())
 
 
 def test_short_overfit_on_one_real_head_lowers_the_generator_error(head_path):
@@ -105,7 +105,7 @@ def _sgd(net: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(net.parameters(), lr=0.1)
 
 
-def _ddp_worker(rank: int, init_file: str, batch, out: str) -> None:
+def _ddp_worker(rank: int, init_file: str, batch: train.Batch, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     config = train.TrainConfig(size=16)
@@ -113,10 +113,12 @@ def _ddp_worker(rank: int, init_file: str, batch, out: str) -> None:
     ddp_g = torch.nn.parallel.DistributedDataParallel(g)
     ddp_d = torch.nn.parallel.DistributedDataParallel(d)
     opt_g, opt_d = _sgd(g), _sgd(d)
-    mine = {
-        key: [t[rank : rank + 1] for t in value] if isinstance(value, list) else value[rank : rank + 1]
-        for key, value in batch.items()
-    }
+    mine = train.Batch(
+        reals=[t[rank : rank + 1] for t in batch.reals],
+        fractions=[t[rank : rank + 1] for t in batch.fractions],
+        gammas=[t[rank : rank + 1] for t in batch.gammas],
+        noise=batch.noise[rank : rank + 1],
+    )
     train.train_step(ddp_g, ddp_d, opt_g, opt_d, mine, config.recon_weight)
     if rank == 0:
         torch.save({"g": g.state_dict(), "d": d.state_dict()}, out)
