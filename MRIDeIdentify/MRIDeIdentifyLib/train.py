@@ -212,6 +212,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamP (the paper's optimiser) over ``params`` with the config's learning rate and betas."""
     from adamp import AdamP
 
     return AdamP(params, lr=config.lr, betas=tuple(config.betas))
@@ -269,6 +270,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint as :meth:`Run.state` wrote it, its tensors on the CPU."""
     # weights_only: a checkpoint holds tensors, numbers and strings only, so nothing is unpickled.
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -313,6 +315,8 @@ def phase_summary(state: dict) -> dict:
 
 
 def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespace]:
+    """The command line: a ``--`` option for every TrainConfig field, plus ``--resume`` and ``--export``; the
+    TrainConfig and the parsed arguments."""
     defaults = TrainConfig()
     parser = OneLineParser(prog=f"{PROG} train", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=False, default="", help="folder or BIDS dataset of head scans")
@@ -562,6 +566,7 @@ class Log:
             )
 
     def close(self) -> None:
+        """Close the progress bar and flush TensorBoard's events."""
         self.bar.close()
         if self.writer is not None:
             self.writer.close()

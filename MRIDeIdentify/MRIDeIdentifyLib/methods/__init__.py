@@ -48,6 +48,7 @@ class Stages:
     timings: Dict[str, float] = field(default_factory=dict)
 
     def check_cancel(self) -> None:
+        """Raise :class:`errors.Cancelled` when ``cancel()`` says the run was cancelled."""
         if self.cancel is not None and self.cancel():
             raise Cancelled("de-identification cancelled")
 
@@ -95,6 +96,7 @@ class MethodContext:
         return self._grid
 
     def check_cancel(self) -> None:
+        """Raise :class:`errors.Cancelled` when the run was cancelled (see :meth:`Stages.check_cancel`)."""
         self.stages.check_cancel()
 
     def stage(self, name: str) -> ContextManager[None]:
