@@ -52,7 +52,8 @@ def run_case(kind: str, size: int, block: str, repeats: int, device: str) -> dic
     k, j, i = torch.meshgrid(axis, axis, axis, indexing="ij")
     radius = (k**2 + j**2 + i**2).sqrt() / size
     hull, brain = (radius < 0.45).float(), (radius < 0.25).float()
-    gamma = torch.stack([hull, brain, brain * 0.8])[None].to(device)
+    skin = ((radius - 0.45) * 8).clamp(-1, 1)  # the face prior's clipped signed distance (modelinputs.condition)
+    gamma = torch.stack([hull, brain, brain * 0.8, skin])[None].to(device)
     rng = torch.Generator().manual_seed(0)
     gammas = gamma_pyramid(gamma, config.n_blocks, rng)
     z = noise(1, rng, device)
@@ -64,12 +65,12 @@ def run_case(kind: str, size: int, block: str, repeats: int, device: str) -> dic
         opt_g = train.make_optimizer(generator.parameters(), settings)
         opt_d = train.make_optimizer(discriminator.parameters(), settings)
         x = (hull * 0.6 + brain * 0.4)[None, None].to(device)
-        batch = {
-            "reals": pyramid(x, config.n_blocks),
-            "fractions": pyramid(brain[None, None].to(device), config.n_blocks),
-            "gammas": gammas,
-            "noise": z,
-        }
+        batch = train.Batch(
+            reals=pyramid(x, config.n_blocks),
+            fractions=pyramid(brain[None, None].to(device), config.n_blocks),
+            gammas=gammas,
+            noise=z,
+        )
 
         def once():
             kwargs = {"autocast": autocast} if autocast else {}

@@ -76,6 +76,17 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qa", type=Path, metavar="DIR", help="write before/after face renderings into DIR")
 
 
+def _add_deidentify_command(
+    commands: argparse._SubParsersAction, name: str, help: str, input_metavar: str, output_metavar: str
+) -> argparse.ArgumentParser:
+    """A command that de-identifies its INPUT path into its OUTPUT path with the run options (``run``, ``batch``)."""
+    command = commands.add_parser(name, help=help)
+    command.add_argument("input", type=Path, metavar=input_metavar)
+    command.add_argument("output", type=Path, metavar=output_metavar)
+    add_run_options(command)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog=PROG,
@@ -85,10 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="de-identify one scan (file or DICOM folder)")
-    run.add_argument("input", type=Path, metavar="INPUT")
-    run.add_argument("output", type=Path, metavar="OUTPUT")
-    add_run_options(run)
+    run = _add_deidentify_command(commands, "run", "de-identify one scan (file or DICOM folder)", "INPUT", "OUTPUT")
     run.add_argument(
         "--save-brain-mask",
         type=Path,
@@ -99,10 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-face-mask", type=Path, metavar="PATH", help="write the region the method changed (uint8, input grid)"
     )
 
-    batch = commands.add_parser("batch", help="de-identify a folder or a BIDS dataset")
-    batch.add_argument("input", type=Path, metavar="INPUT_DIR_OR_BIDS")
-    batch.add_argument("output", type=Path, metavar="OUTPUT_DIR")
-    add_run_options(batch)
+    batch = _add_deidentify_command(
+        commands, "batch", "de-identify a folder or a BIDS dataset", "INPUT_DIR_OR_BIDS", "OUTPUT_DIR"
+    )
     batch.add_argument(
         "--shard",
         metavar="I/N",

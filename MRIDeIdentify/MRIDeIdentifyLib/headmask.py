@@ -71,12 +71,11 @@ def fill_holes(mask: np.ndarray, within_slices_of: int | None = None) -> np.ndar
     if box is None:
         return mask.copy()
     if within_slices_of is None:
-        structure, faces = ndimage.generate_binary_structure(3, 1), (0, 1, 2)
+        structure = ndimage.generate_binary_structure(3, 1)
+        faces: Tuple[int, ...] = (0, 1, 2)
     else:
         structure = np.zeros((3, 3, 3), bool)
-        index = [slice(None)] * 3
-        index[within_slices_of] = 1
-        structure[tuple(index)] = ndimage.generate_binary_structure(2, 1)
+        structure[_plane(within_slices_of, 1)] = ndimage.generate_binary_structure(2, 1)
         faces = tuple(axis for axis in range(3) if axis != within_slices_of)
     labels, count = ndimage.label(~mask[box], structure=structure)
     outside = np.zeros(count + 1, bool)
@@ -97,9 +96,7 @@ def erode(mask: np.ndarray) -> np.ndarray:
         eroded[low] &= mask[high]
         eroded[high] &= mask[low]
         for edge in (0, -1):
-            index = [slice(None)] * 3
-            index[axis] = edge
-            eroded[tuple(index)] = False
+            eroded[_plane(axis, edge)] = False
     return eroded
 
 
@@ -120,6 +117,13 @@ def _shifted(axis: int, step: int) -> Tuple[slice, ...]:
     """Index of a 3-D array without its first (``step`` 1) or last (``step`` -1) slice along ``axis``."""
     index = [slice(None)] * 3
     index[axis] = slice(1, None) if step > 0 else slice(None, -1)
+    return tuple(index)
+
+
+def _plane(axis: int, at: int) -> Tuple[slice | int, ...]:
+    """Index of the 2-D plane ``at`` (a voxel index, negative from the end) across ``axis`` of a 3-D array."""
+    index: list[slice | int] = [slice(None)] * 3
+    index[axis] = at
     return tuple(index)
 
 

@@ -159,6 +159,11 @@ def _norm(channels: int, enabled: bool) -> nn.Module:
     return nn.GroupNorm(min(8, channels), channels) if enabled else nn.Identity()
 
 
+def last_convolution(block: nn.Module) -> nn.Conv3d:
+    """The convolution a block of either kind ends with: its 1³ projection to the block's output channels."""
+    return [m for m in block.modules() if isinstance(m, nn.Conv3d)][-1]
+
+
 def _block(config: ModelConfig, in_channels: int, width: int, out_channels: int, norm: bool) -> nn.Module:
     if config.block == "dense":
         return DenseBlock(in_channels, width, out_channels, norm)
@@ -215,11 +220,10 @@ class Discriminator(nn.Module):
                 nn.utils.parametrizations.spectral_norm(module)
 
     def forward(self, images: List[torch.Tensor], gammas: List[torch.Tensor]) -> torch.Tensor:
-        h = None
+        features: List[torch.Tensor] = []  # the previous block's output; none before the finest block
         for block, image, gamma in zip(self.blocks, reversed(images), reversed(gammas)):
-            inputs = [image, gamma] if h is None else [h, image, gamma]
-            h = F.avg_pool3d(F.leaky_relu(block(torch.cat(inputs, 1)), 0.2), 2)
-        return self.head(h.flatten(1)).squeeze(1)
+            features = [F.avg_pool3d(F.leaky_relu(block(torch.cat(features + [image, gamma], 1)), 0.2), 2)]
+        return self.head(features[0].flatten(1)).squeeze(1)
 
 
 # ---------------------------------------------------------------------------------------------------- pyramids

@@ -89,7 +89,7 @@ class ModelGrid:
         centre = (low + high) / 2.0
         origin = centre - spacing * (size - 1) / 2.0
         scale = IntensityScale.fit(np.asarray(voxels, np.float32), head, brain)
-        return cls(size, spacing, tuple(float(v) for v in origin), scale)
+        return cls(size, spacing, (float(origin[0]), float(origin[1]), float(origin[2])), scale)
 
     def reference(self) -> sitk.Image:
         """An empty image with the cube's geometry, for SimpleITK resampling."""

@@ -20,7 +20,7 @@ from .composite import composite
 from .devices import resolve_device
 from .errors import InputError
 from .headmask import head_mask, head_threshold
-from .methods import MethodContext, ProgressCallback, get_method
+from .methods import MethodContext, ProgressCallback, Stages, get_method
 from .reader import check_volume, image_like
 from .settings import DEFAULT_DEVICE, DEFAULT_MARGIN_MM, DEFAULT_SEED
 
@@ -63,50 +63,51 @@ def deidentify(
     image = check_volume(image)
     torch_device = resolve_device(device)
     chosen.check(dict(options or {}), torch_device)
+    array = sitk.GetArrayViewFromImage(image).astype(np.float32)
+    stages = Stages(progress, cancel)
+    start = time.perf_counter()
+    with stages.stage("head mask"):
+        threshold = head_threshold(image)
+        head = head_mask(image, threshold, array=array)
+    with stages.stage("brain mask"):
+        if brain_mask is not None:
+            found = load_user_mask(brain_mask, image, head)
+            source = "user"
+        else:
+            found = extract_brain_mask(image, torch_device)
+            source = "deepbet"
+        brain = dilate_mm(found, image.GetSpacing()[::-1], margin_mm)
     ctx = MethodContext(
         image=image,
-        array=sitk.GetArrayViewFromImage(image).astype(np.float32),
-        brain=None,
-        head=None,
-        threshold=0.0,
+        array=array,
+        brain=brain,
+        head=head,
+        threshold=threshold,
         seed=int(seed),
         device=torch_device,
         options=dict(options or {}),
-        progress=progress,
-        cancel=cancel,
+        stages=stages,
     )
-    start = time.perf_counter()
-    with ctx.stage("head mask"):
-        ctx.threshold = head_threshold(image)
-        ctx.head = head_mask(image, ctx.threshold, array=ctx.array)
-    with ctx.stage("brain mask"):
-        if brain_mask is not None:
-            brain = load_user_mask(brain_mask, image, ctx.head)
-            source = "user"
-        else:
-            brain = extract_brain_mask(image, torch_device)
-            source = "deepbet"
-        ctx.brain = dilate_mm(brain, image.GetSpacing()[::-1], margin_mm)
     output = chosen.run(ctx)
-    ctx.check_cancel()
-    with ctx.stage("composite"):
-        result = composite(image, ctx.brain, ctx.head, output, ctx.threshold, seed=ctx.seed)
-    changed = output.changed if output.changed is not None else (output.head | ctx.head) & ~ctx.brain
-    ctx.timings["total"] = time.perf_counter() - start
+    stages.check_cancel()
+    with stages.stage("composite"):
+        result = composite(image, brain, head, output, threshold, seed=ctx.seed)
+    changed = output.changed if output.changed is not None else (output.head | head) & ~brain
+    stages.timings["total"] = time.perf_counter() - start
     record = provenance.record(
         method=chosen.name,
         seed=ctx.seed,
         margin_mm=float(margin_mm),
         device=str(torch_device),
         brain_mask_source=source,
-        timings=ctx.timings,
+        timings=stages.timings,
         image=image,
         extra=ctx.provenance,
     )
     return Result(
         result,
-        image_like(ctx.brain.view(np.uint8), image),
-        image_like((changed & ~ctx.brain).view(np.uint8), image),
+        image_like(brain.view(np.uint8), image),
+        image_like((changed & ~brain).view(np.uint8), image),
         record,
         str(torch_device),
     )

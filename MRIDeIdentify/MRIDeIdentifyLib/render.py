@@ -51,6 +51,23 @@ class FaceView:
     field_mm: float = _FIELD_MM
 
 
+@dataclass(frozen=True)
+class Shot:
+    """How a picture is taken from a :class:`FaceView`: ``yaw_deg`` turns the camera towards the subject's left
+    (positive) about the head's superior axis, ``pitch_deg`` raises it (positive: looking down on the face), both in
+    degrees; ``light`` is the key light's (azimuth, elevation) in degrees relative to the camera; ``size`` is the
+    picture's edge in pixels."""
+
+    yaw_deg: float = 0.0
+    pitch_deg: float = 0.0
+    light: tuple[float, float] = (0.0, 0.0)
+    size: int = 512
+
+
+FRONTAL = Shot()
+"""Face-on, the key light at the camera, 512 pixels."""
+
+
 def face_direction(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     """Anterior and superior unit vectors (physical LPS) of the voxel axes nearest to A and S.
 
@@ -149,26 +166,15 @@ def face_view(surface: vtk.vtkPolyData, image: sitk.Image) -> FaceView:
     return FaceView(centre=centre, anterior=anterior, superior=superior)
 
 
-def render_surface(
-    surface: vtk.vtkPolyData,
-    view: FaceView,
-    *,
-    yaw_deg: float = 0.0,
-    pitch_deg: float = 0.0,
-    size: int = 512,
-    light: tuple[float, float] = (0.0, 0.0),
-) -> np.ndarray:
-    """Grey-shaded rendering of ``surface`` seen from in front of the face; uint8 RGB array (size, size, 3).
-
-    ``yaw_deg`` turns the camera towards the subject's left (positive) about the head's superior axis,
-    ``pitch_deg`` raises it (positive: looking down on the face); ``light`` is the key light's (azimuth,
-    elevation) in degrees relative to the camera. Row 0 of the array is the top of the picture.
-    """
-    toward = _rotate(view.anterior, view.superior, np.radians(yaw_deg))
+def render_surface(surface: vtk.vtkPolyData, view: FaceView, shot: Shot = FRONTAL) -> np.ndarray:
+    """Grey-shaded rendering of ``surface`` (physical LPS mm) seen from in front of the face, turned and lit as
+    ``shot`` says; uint8 RGB array (shot.size, shot.size, 3). Row 0 of the array is the top of the picture."""
+    size = shot.size
+    toward = _rotate(view.anterior, view.superior, np.radians(shot.yaw_deg))
     up = view.superior
     pitch_axis = np.cross(toward, up)
-    toward = _rotate(toward, pitch_axis, np.radians(pitch_deg))
-    up = _rotate(up, pitch_axis, np.radians(pitch_deg))
+    toward = _rotate(toward, pitch_axis, np.radians(shot.pitch_deg))
+    up = _rotate(up, pitch_axis, np.radians(shot.pitch_deg))
     distance = 0.5 * view.field_mm / np.tan(np.radians(_VIEW_ANGLE_DEG / 2))
 
     mapper = vtk.vtkPolyDataMapper()
@@ -194,7 +200,7 @@ def render_surface(
     renderer.ResetCameraClippingRange()
     key = vtk.vtkLight()
     key.SetLightTypeToCameraLight()
-    azimuth, elevation = np.radians(light[0]), np.radians(light[1])
+    azimuth, elevation = np.radians(shot.light[0]), np.radians(shot.light[1])
     # Camera-light coordinates: the camera sits at (0, 0, 1) looking at the origin, y up.
     key.SetPosition(np.sin(azimuth) * np.cos(elevation), np.sin(elevation), np.cos(azimuth) * np.cos(elevation))
     key.SetFocalPoint(0.0, 0.0, 0.0)
@@ -218,25 +224,17 @@ def render_surface(
     return picture.astype(np.uint8, copy=False)
 
 
-def render_face(
-    image: sitk.Image,
-    threshold: float,
-    *,
-    yaw_deg: float = 0.0,
-    pitch_deg: float = 0.0,
-    size: int = 512,
-    light: tuple[float, float] = (0.0, 0.0),
-    view: FaceView | None = None,
-) -> np.ndarray:
-    """Render the skin of ``image`` at ``threshold`` (intensity units) face-on; uint8 RGB (size, size, 3).
+def render_face(image: sitk.Image, threshold: float, shot: Shot = FRONTAL, view: FaceView | None = None) -> np.ndarray:
+    """Render the skin of ``image`` at ``threshold`` (input intensity units) as ``shot`` says; uint8 RGB
+    (shot.size, shot.size, 3).
 
     ``view`` fixes the camera (e.g. the original's, so that a de-identified head is seen from exactly
-    the same place); by default it is computed from this image. See :func:`render_surface` for the angles.
+    the same place); by default it is computed from this image.
     """
     surface = skin_surface(image, threshold)
     if view is None:
         view = face_view(surface, image)
-    return render_surface(surface, view, yaw_deg=yaw_deg, pitch_deg=pitch_deg, size=size, light=light)
+    return render_surface(surface, view, shot)
 
 
 def write_qa(
@@ -266,7 +264,7 @@ def write_qa(
     tiles: dict[tuple[str, str], np.ndarray] = {}
     for name, surface in surfaces.items():
         for angle_name, yaw in angles.items():
-            picture = render_surface(surface, view, yaw_deg=yaw, size=size, light=(20.0, 20.0))
+            picture = render_surface(surface, view, Shot(yaw_deg=yaw, light=(20.0, 20.0), size=size))
             tiles[name, angle_name] = picture
             path = out_dir / f"qa_{name}_{angle_name}.png"
             Image.fromarray(picture).save(path)

@@ -3,14 +3,12 @@
     mri-deidentify train --data DIR_OR_BIDS --out DIR [--size 64] [--steps N] [--resume]
     torchrun --nproc_per_node 4 -m MRIDeIdentifyLib.train --data DIR --out DIR     # several GPUs or nodes
 
-Each scan is preprocessed once into a cache (``OUT/cache``): its model-grid volume and dilated brain mask, built
-with the engine's own headmask / brainmask / modelgrid so training sees what inference sees, and the face prior
-fitted to the head's own skin (placement.fit_identity: identity weights and pose), kept as the skin's signed
-distance on the cube. Every step augments one cached head per process (augment.py), builds the conditioning on
-the augmented head with the same function inference uses (modelinputs), and takes one discriminator and one
-generator step with the R-LSGAN losses. The checkpoint
-holds both networks, their optimisers, the generator's EMA, the step and the configs; a step's randomness is a
-function of (seed, step, rank), so a resumed run continues exactly as an uninterrupted one would.
+Each scan is prepared once into a cache (``OUT/cache``, prepare.py): its head on the model grid as inference puts
+it, with the face prior fitted to its own skin. Every step augments one cached head per process (augment.py),
+builds the conditioning on the augmented head with the same function inference uses (modelinputs), and takes one
+discriminator and one generator step with the R-LSGAN losses. The checkpoint holds both networks, their
+optimisers, the generator's EMA, the step and the configs; a step's randomness is a function of (seed, step,
+rank), so a resumed run continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -18,23 +16,22 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
+import operator
 import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Optional, Tuple
 
-import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .augment import augment
-from .settings import DEFAULT_FACETS, DEFAULT_MARGIN_MM, DEFAULT_ROTATIONS
 from .devices import DEVICE_CHOICES, resolve_device
 from .errors import PROG, OneLineParser
 from .model import (
@@ -45,10 +42,13 @@ from .model import (
     discriminator_loss,
     gamma_pyramid,
     generator_loss,
+    last_convolution,
     noise,
     pyramid,
     save_generator,
 )
+from .prepare import Head, load_heads
+from .settings import DEFAULT_FACETS, DEFAULT_MARGIN_MM, DEFAULT_ROTATIONS
 
 
 @dataclass
@@ -95,121 +95,29 @@ class TrainConfig:
     minutes: float = 0.0  # stop (with a checkpoint) after this many minutes of this invocation; 0 = no limit
 
 
-# ---------------------------------------------------------------------------------------------------- data
+# ---------------------------------------------------------------------------------------------------- batches
 
 
 @dataclass
-class Head:
-    """One cached scan on the model grid: ``volume`` float32 (S, S, S) normalised, ``brain`` bool (S, S, S),
-    ``skin`` float32 (S, S, S): the face prior fitted to this head, as a signed distance in mm."""
+class Batch:
+    """The inputs of one training step. Each list is a pyramid, coarsest scale (4³) first, of (batch, channels,
+    S, S, S) tensors on the model grid (KJI): ``reals`` the heads (1 channel, normalised units), ``fractions``
+    the brain's share of each voxel (1 channel, 0..1), ``gammas`` the conditioning (modelinputs.condition);
+    ``noise`` is g_0, (batch, 1, 4, 4, 4)."""
 
-    name: str
-    volume: np.ndarray
-    brain: np.ndarray
-    skin: np.ndarray
-
-
-def preprocess(
-    path: Path,
-    size: int,
-    margin_mm: float,
-    device: torch.device | str = "cpu",
-    brain_cache: Optional[Path] = None,
-    series: Optional[str] = None,
-) -> Head:
-    """Read a scan and put it on its model grid exactly as the ``remodel`` method does (brain dilated by the margin).
-
-    ``brain_cache``: an .npz file keeping the dilated brain mask on the scan's own grid, so that building the
-    cache for another model size does not run the brain extractor again. ``series``: the DICOM series of a
-    folder holding several.
-    """
-    from .scans import Scan
-    from .brainmask import dilate_mm, extract_brain_mask
-    from .headmask import head_mask, head_threshold
-    from .modelgrid import ModelGrid
-    from .reader import read_volume
-
-    image = read_volume(path, series).image
-    array = sitk.GetArrayFromImage(image).astype(np.float32)
-    head = head_mask(image, head_threshold(image), array=array)
-    if brain_cache is not None and brain_cache.exists():
-        with np.load(brain_cache) as data:
-            brain = np.unpackbits(data["bits"], count=array.size).reshape(array.shape).astype(bool)
-    else:
-        brain = dilate_mm(extract_brain_mask(image, device), image.GetSpacing()[::-1], margin_mm)
-        if brain_cache is not None:
-            np.savez_compressed(brain_cache, bits=np.packbits(brain))
-    grid = ModelGrid.around(image, head, brain, size=size, array=array)
-    volume, cube_brain = grid.to_model(image), grid.mask_to_model(brain, image)
-    skin, fit = fit_skin(image, head, grid, volume, cube_brain)
-    print(f"  face prior fitted: median distance {fit:.1f} mm", file=sys.stderr)
-    return Head(Scan(path, series).name, volume, cube_brain, skin)
-
-
-def fit_skin(
-    image: sitk.Image, head: np.ndarray, grid, volume: np.ndarray, brain: np.ndarray
-) -> Tuple[np.ndarray, float]:
-    """The face prior fitted to a training head's own skin (pose and identity weights, on the part of the face
-    in its field of view), as the signed distance (mm) the generator is conditioned on, and the fit's median
-    distance (mm). The same placement, skin and scalp rules as ``remodel`` apply, so the generator learns on
-    the kind of surface it is given at inference."""
-    from .faceprior import load_face_prior
-    from .modelinputs import model_inputs
-    from .placement import brain_distance, cube_skin, field_of_view, fit_identity, skin_points
-
-    prior = load_face_prior()
-    gamma = model_inputs(volume, brain, seed=0).gamma.numpy()
-    _, vertices, error = fit_identity(prior, skin_points(image, head), gamma, grid, field_of_view(image, grid))
-    return cube_skin(prior, vertices, grid, brain_distance(gamma, grid)), error
-
-
-def load_heads(config: TrainConfig, device: torch.device, rank: int) -> List[Head]:
-    """The training heads, preprocessing any scan not yet in the cache (rank 0 builds it, the others wait)."""
-    from .scans import find_scans
-
-    scans, _ = find_scans(Path(config.data))
-    scans = [s for s in scans if not s.name.startswith(tuple(config.exclude))]
-    if not scans:
-        raise SystemExit(f"no training scans under {config.data} (after excluding {config.exclude})")
-    cache = Path(config.out) / "cache"
-    files = [cache / f"{s.name}.s{config.size}.m{config.margin_mm:g}.face.npz" for s in scans]
-    if rank == 0:
-        cache.mkdir(parents=True, exist_ok=True)
-        for scan, file in zip(scans, files):
-            if file.exists() or file.with_suffix(".skip").exists():
-                continue
-            print(f"preprocessing {scan.name}", file=sys.stderr)
-            try:
-                head = preprocess(
-                    scan.path,
-                    config.size,
-                    config.margin_mm,
-                    device,
-                    cache / f"{scan.name}.brain.m{config.margin_mm:g}.npz",
-                    scan.series,
-                )
-            except Exception as error:  # one unusable scan must not stop a run over a whole dataset
-                reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
-                print(f"skipping {scan.name}: {reason}", file=sys.stderr)
-                file.with_suffix(".skip").write_text(reason + "\n")
-                continue
-            tmp = file.with_suffix(".tmp.npz")
-            np.savez_compressed(tmp, volume=head.volume, brain=head.brain, skin=head.skin)
-            tmp.replace(file)
-    if dist.is_initialized():
-        dist.barrier()
-    heads = []
-    for file in files:
-        if not file.exists():
-            continue
-        with np.load(file) as data:
-            heads.append(Head(file.name.split(".s")[0], data["volume"], data["brain"], data["skin"]))
-    return heads
+    reals: List[torch.Tensor]
+    fractions: List[torch.Tensor]
+    gammas: List[torch.Tensor]
+    noise: torch.Tensor
 
 
 def make_batch(
-    heads: List[Head], config: TrainConfig, model_config: ModelConfig, generator: torch.Generator, device: torch.device
-) -> Dict[str, object]:
+    heads: List[Head],
+    config: TrainConfig,
+    model_config: ModelConfig,
+    generator: torch.Generator,
+    device: torch.device | str,
+) -> Batch:
     """``config.batch`` random heads, augmented, with the conditioning built on each exactly as inference builds
     it (modelinputs): the inputs of :func:`train_step`."""
     from .modelinputs import condition, model_inputs
@@ -231,12 +139,12 @@ def make_batch(
     b = torch.stack(brains)[:, None].to(device=device, dtype=torch.float32)
     gamma = torch.stack(gammas).to(device)
     n = model_config.n_blocks
-    return {
-        "reals": pyramid(x, n),
-        "fractions": pyramid(b, n),
-        "gammas": gamma_pyramid(gamma, n, generator),
-        "noise": noise(config.batch, generator, device),
-    }
+    return Batch(
+        reals=pyramid(x, n),
+        fractions=pyramid(b, n),
+        gammas=gamma_pyramid(gamma, n, generator),
+        noise=noise(config.batch, generator, device),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- step
@@ -247,9 +155,9 @@ def train_step(
     discriminator: torch.nn.Module,
     opt_g: torch.optim.Optimizer,
     opt_d: torch.optim.Optimizer,
-    batch: Dict[str, object],
+    batch: Batch,
     recon_weight: float,
-    autocast=nullcontext,
+    autocast: Callable[[], ContextManager[object]] = nullcontext,
     adversarial: bool = True,
 ) -> Dict[str, float]:
     """One discriminator step then one generator step on ``batch`` (the generator step alone when not
@@ -259,10 +167,10 @@ def train_step(
     forward, one gradient all-reduce); in the generator step it runs unwrapped with frozen weights, since only
     the generator's gradients are wanted there.
     """
-    reals, gammas, fractions = batch["reals"], batch["gammas"], batch["fractions"]
+    reals, gammas, fractions = batch.reals, batch.gammas, batch.fractions
     with autocast():
-        fakes = blend(generator(gammas, batch["noise"]), gammas, fractions)
-    losses = {}
+        fakes = blend(generator(gammas, batch.noise), gammas, fractions)
+    losses: Dict[str, float] = {}
     if adversarial:
         both_gammas = [torch.cat([g, g]) for g in gammas]
         with autocast():
@@ -279,8 +187,11 @@ def train_step(
             real_scores, fake_scores = scores.float().chunk(2)
             loss_adversarial = generator_loss(real_scores, fake_scores)
         losses = {"loss_d": loss_d.item(), "loss_g": loss_adversarial.item()}
-    recon = sum(F.l1_loss(f.float(), r) for f, r in zip(fakes, reals)) / len(reals)
-    loss_g = recon_weight * recon + (loss_adversarial if adversarial else 0.0)
+    recon: torch.Tensor = functools.reduce(operator.add, [F.l1_loss(f.float(), r) for f, r in zip(fakes, reals)])
+    recon = recon / len(reals)
+    loss_g = recon_weight * recon
+    if adversarial:
+        loss_g = loss_g + loss_adversarial
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
@@ -296,11 +207,12 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
     decay = min(decay, (1.0 + step) / (10.0 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p, 1.0 - decay)
-    for e, p in zip(ema.buffers(), model.buffers()):
-        e.copy_(p)
+    for buffer, source in zip(ema.buffers(), model.buffers()):
+        buffer.copy_(source)
 
 
-def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamP (the paper's optimiser) over ``params`` with the config's learning rate and betas."""
     from adamp import AdamP
 
     return AdamP(params, lr=config.lr, betas=tuple(config.betas))
@@ -319,9 +231,10 @@ def grow(generator: Generator, g_ema: Generator, smaller: dict) -> None:
         net.load_state_dict(_widen_inputs(smaller[key], net.state_dict()), strict=False)
         with torch.no_grad():
             for block in net.blocks[old.n_blocks :]:
-                last = block.body[-1]
+                last = last_convolution(block)
                 last.weight.zero_()
-                last.bias.zero_()
+                if last.bias is not None:
+                    last.bias.zero_()
 
 
 def _widen_inputs(old: dict, new: dict) -> dict:
@@ -357,6 +270,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint as :meth:`Run.state` wrote it, its tensors on the CPU."""
     # weights_only: a checkpoint holds tensors, numbers and strings only, so nothing is unpickled.
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -397,10 +311,12 @@ def phase_summary(state: dict) -> dict:
     }
 
 
-# ---------------------------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------------------------- command line
 
 
 def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespace]:
+    """The command line: a ``--`` option for every TrainConfig field, plus ``--resume`` and ``--export``; the
+    TrainConfig and the parsed arguments."""
     defaults = TrainConfig()
     parser = OneLineParser(prog=f"{PROG} train", description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=False, default="", help="folder or BIDS dataset of head scans")
@@ -447,14 +363,80 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[TrainConfig, argparse.Namespa
     return TrainConfig(**values), args
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    config, args = parse_args(argv)
-    checkpoint_path = Path(config.checkpoint or Path(config.out) / "checkpoint.pt")
-    if args.export:
-        print(export(checkpoint_path, Path(args.export)))
-        return 0
+# ---------------------------------------------------------------------------------------------------- a run
 
-    # torchrun sets these; a plain run is rank 0 of 1.
+# Resuming continues the saved run; only the stopping point and the bookkeeping may change.
+RESUME_MAY_CHANGE = (
+    "steps",
+    "minutes",
+    "log_every",
+    "image_every",
+    "checkpoint_minutes",
+    "device",
+    "threads",
+    "data",
+    "out",
+    "checkpoint",
+)
+
+
+def resumed_config(config: TrainConfig, state: dict) -> TrainConfig:
+    """The configuration saved in the checkpoint ``state``, with the settings of ``RESUME_MAY_CHANGE`` from
+    ``config`` (this invocation's)."""
+    saved = dict(state["train_config"])
+    for key in RESUME_MAY_CHANGE:
+        saved[key] = getattr(config, key)
+    saved["betas"] = tuple(saved["betas"])
+    saved["exclude"] = tuple(saved["exclude"])
+    return TrainConfig(**saved)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the run. torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain run is rank 0 of 1.
+    ``device``: where this rank trains (under torchrun on CUDA, its own GPU)."""
+
+    ddp: bool
+    rank: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        """Rank 0: the one that logs and writes checkpoints."""
+        return self.rank == 0
+
+    def wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        """``net`` as the step trains it: DDP-wrapped under torchrun (gradients all-reduced), else ``net`` itself."""
+        if not self.ddp:
+            return net
+        return DistributedDataParallel(net, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+
+    def autocast(self) -> ContextManager[Any]:
+        """bf16 autocast on CUDA; nothing elsewhere."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+    def any_rank(self, flag: bool) -> bool:
+        """``flag`` of any rank, on every rank: whatever each decides alone, all must stop at the same step, or the
+        others wait forever in the next all-reduce."""
+        if not self.ddp:
+            return flag
+        tensor = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def hardware(self) -> str:
+        """The run's hardware in words, as the model card lists it ("2 x CPU, 1 torch threads")."""
+        if self.device.type == "cuda":
+            what = torch.cuda.get_device_name(self.device)
+        else:
+            what = f"CPU, {torch.get_num_threads()} torch threads"
+        return f"{int(os.environ.get('WORLD_SIZE', '1'))} x {what}" if self.ddp else what
+
+
+def join_processes(config: TrainConfig) -> Processes:
+    """This process's rank and device, its process group joined under torchrun (NCCL on CUDA, else gloo), and
+    ``config.threads`` torch CPU threads when set."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -466,141 +448,73 @@ def main(argv: Optional[List[str]] = None) -> int:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if config.threads:
         torch.set_num_threads(config.threads)
-    master = rank == 0
+    return Processes(ddp, rank, local_rank, device)
 
-    state = None
-    if args.resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        saved = dict(state["train_config"])
-        # Resuming continues the saved run; only the stopping point and the bookkeeping may change.
-        for key in (
-            "steps",
-            "minutes",
-            "log_every",
-            "image_every",
-            "checkpoint_minutes",
-            "device",
-            "threads",
-            "data",
-            "out",
-            "checkpoint",
-        ):
-            saved[key] = getattr(config, key)
-        saved["betas"] = tuple(saved["betas"])
-        saved["exclude"] = tuple(saved["exclude"])
-        config = TrainConfig(**saved)
-        model_config = ModelConfig.from_dict(state["model_config"])
-    else:
-        model_config = ModelConfig(size=config.size, block=config.block)
 
-    torch.manual_seed(config.seed)
-    heads = load_heads(config, device, rank)
+@dataclass
+class Run:
+    """What a checkpoint holds: both networks, their optimisers, the generator's EMA, the step, the training time
+    (s), the loss history, the earlier phases and the configs."""
+
+    config: TrainConfig
+    model_config: ModelConfig
+    generator: Generator
+    discriminator: Discriminator
+    g_ema: Generator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    step: int = 0
+    wall_seconds: float = 0.0
+    history: List[Dict[str, float]] = field(default_factory=list)
+    phases: List[dict] = field(default_factory=list)
+
+    def state(self, hardware: str) -> dict:
+        """The checkpoint's content (see :func:`load_checkpoint`)."""
+        return {
+            "g": self.generator.state_dict(),
+            "d": self.discriminator.state_dict(),
+            "g_ema": self.g_ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "step": self.step,
+            "wall_seconds": self.wall_seconds,
+            "history": self.history,
+            "phases": self.phases,
+            "model_config": self.model_config.to_dict(),
+            "train_config": dataclasses.asdict(self.config),
+            "hardware": hardware,
+        }
+
+
+def start_run(config: TrainConfig, model_config: ModelConfig, state: Optional[dict], device: torch.device) -> Run:
+    """New networks and optimisers on ``device``, then the checkpoint ``state`` loaded into them (a resume), or
+    the generator grown from ``config.init_from`` (a new phase), or neither (a fresh run)."""
     generator, discriminator = Generator(model_config).to(device), Discriminator(model_config).to(device)
     g_ema = copy.deepcopy(generator).eval().requires_grad_(False)
     opt_g, opt_d = make_optimizer(generator.parameters(), config), make_optimizer(discriminator.parameters(), config)
-    step, wall, history, phases = 0, 0.0, [], []
+    run = Run(config, model_config, generator, discriminator, g_ema, opt_g, opt_d)
     if state is not None:
         generator.load_state_dict(state["g"])
         discriminator.load_state_dict(state["d"])
         g_ema.load_state_dict(state["g_ema"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
-        step, wall, history = state["step"], state["wall_seconds"], list(state["history"])
-        phases = list(state.get("phases", []))
+        run.step, run.wall_seconds, run.history = state["step"], state["wall_seconds"], list(state["history"])
+        run.phases = list(state.get("phases", []))
     elif config.init_from:
         source = load_checkpoint(Path(config.init_from))
         grow(generator, g_ema, source)
-        phases = list(source.get("phases", [])) + [phase_summary(source)]
-    g_train, d_train = generator, discriminator
-    if ddp:
-        ids = [local_rank] if device.type == "cuda" else None
-        g_train = DistributedDataParallel(generator, device_ids=ids)
-        d_train = DistributedDataParallel(discriminator, device_ids=ids)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-
-    writer = None
-    if master:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(Path(config.out) / "tensorboard" / f"s{config.size}"), purge_step=step or None)
-        print(f"{len(heads)} training heads: {', '.join(h.name for h in heads)}", file=sys.stderr)
-    from tqdm import tqdm
-
-    bar = tqdm(total=config.steps, initial=step, disable=not master, dynamic_ncols=True)
-
-    def checkpoint() -> None:
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "g": generator.state_dict(),
-                "d": discriminator.state_dict(),
-                "g_ema": g_ema.state_dict(),
-                "opt_g": opt_g.state_dict(),
-                "opt_d": opt_d.state_dict(),
-                "step": step,
-                "wall_seconds": wall,
-                "history": history,
-                "phases": phases,
-                "model_config": model_config.to_dict(),
-                "train_config": dataclasses.asdict(config),
-                "hardware": _hardware(device, ddp),
-            },
-        )
-
-    last_save = invoked = time.time()
-    running: Dict[str, float] = {}
-    window = 0  # steps summed in ``running`` (fewer than log_every right after a resume)
-    while step < config.steps:
-        start = time.time()
-        # A step's randomness depends only on (seed, step, rank): exact resume without saving RNG states.
-        rng = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + rank)
-        batch = make_batch(heads, config, model_config, rng, device)
-        losses = train_step(g_train, d_train, opt_g, opt_d, batch, config.recon_weight, autocast, config.adversarial)
-        update_ema(g_ema, generator, config.ema, step)
-        step += 1
-        wall += time.time() - start
-        for key, value in losses.items():
-            running[key] = running.get(key, 0.0) + value
-        window += 1
-        bar.update(1)
-        if master and (step % config.log_every == 0 or step == config.steps):
-            means = {k: v / window for k, v in running.items()}
-            history.append({"step": step, "wall_seconds": round(wall, 1), **{k: round(v, 5) for k, v in means.items()}})
-            for key, value in means.items():
-                writer.add_scalar(f"loss/{key}", value, step)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
-        if step % config.log_every == 0:
-            running, window = {}, 0
-        if master and (step % config.image_every == 0 or step == 1):
-            writer.add_image("mid-slices (real | fake | EMA fake)", _mid_slices(batch, generator, g_ema), step)
-        out_of_time = config.minutes > 0 and time.time() - invoked > 60 * config.minutes
-        if ddp and config.minutes > 0:
-            # Every rank must stop at the same step, or the others wait forever in the next all-reduce.
-            flag = torch.tensor([float(out_of_time)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
-        if out_of_time:
-            break
-        if master and time.time() - last_save > 60 * config.checkpoint_minutes:
-            checkpoint()
-            last_save = time.time()
-    if master:
-        checkpoint()
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if ddp:
-        dist.destroy_process_group()
-    return 0
+        run.phases = list(source.get("phases", [])) + [phase_summary(source)]
+    return run
 
 
 @torch.no_grad()
-def _mid_slices(batch: Dict[str, object], generator: torch.nn.Module, g_ema: torch.nn.Module) -> torch.Tensor:
+def _mid_slices(batch: Batch, generator: torch.nn.Module, g_ema: torch.nn.Module) -> torch.Tensor:
     """(1, H, W) image: the first sample's three mid-slices, real over blended fake over blended EMA fake."""
-    gammas, fractions = batch["gammas"], batch["fractions"]
-    rows = [batch["reals"][-1][0, 0]]
+    gammas, fractions = batch.gammas, batch.fractions
+    rows = [batch.reals[-1][0, 0]]
     for net in (generator, g_ema):
-        rows.append(blend(net(gammas, batch["noise"]), gammas, fractions)[-1][0, 0].float())
+        rows.append(blend(net(gammas, batch.noise), gammas, fractions)[-1][0, 0].float())
     tiles = []
     for volume in rows:
         n = volume.shape[0] // 2
@@ -609,13 +523,115 @@ def _mid_slices(batch: Dict[str, object], generator: torch.nn.Module, g_ema: tor
     return torch.cat(tiles, 0).clamp(0, 1.2).div(1.2)[None].cpu()
 
 
-def _hardware(device: torch.device, ddp: bool) -> str:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device.type == "cuda":
-        what = torch.cuda.get_device_name(device)
+class Log:
+    """The losses' means over every ``log_every`` steps, into the run's history, TensorBoard (``OUT/tensorboard``)
+    and the progress bar, and mid-slice images every ``image_every`` steps. Only the master rank writes; every rank
+    keeps its sums, reset at the same steps."""
+
+    def __init__(self, config: TrainConfig, step: int, master: bool):
+        from tqdm import tqdm
+
+        self.config = config
+        self.writer = None
+        if master:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(
+                str(Path(config.out) / "tensorboard" / f"s{config.size}"), purge_step=step or None
+            )
+        self.bar = tqdm(total=config.steps, initial=step, disable=not master, dynamic_ncols=True)
+        self.running: Dict[str, float] = {}
+        self.window = 0  # steps summed in ``running`` (fewer than log_every right after a resume)
+
+    def step(self, run: Run, losses: Dict[str, float], batch: Batch) -> None:
+        """Record the step just taken (``run.step`` counts it) with its ``losses`` and ``batch``."""
+        step, config = run.step, self.config
+        for key, value in losses.items():
+            self.running[key] = self.running.get(key, 0.0) + value
+        self.window += 1
+        self.bar.update(1)
+        if self.writer is not None and (step % config.log_every == 0 or step == config.steps):
+            means = {k: v / self.window for k, v in self.running.items()}
+            run.history.append(
+                {"step": step, "wall_seconds": round(run.wall_seconds, 1), **{k: round(v, 5) for k, v in means.items()}}
+            )
+            for key, value in means.items():
+                self.writer.add_scalar(f"loss/{key}", value, step)
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in means.items()})
+        if step % config.log_every == 0:
+            self.running, self.window = {}, 0
+        if self.writer is not None and (step % config.image_every == 0 or step == 1):
+            self.writer.add_image(
+                "mid-slices (real | fake | EMA fake)", _mid_slices(batch, run.generator, run.g_ema), step
+            )
+
+    def close(self) -> None:
+        """Close the progress bar and flush TensorBoard's events."""
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``mri-deidentify train``: train from scratch, from a checkpoint (``--resume``) or from a smaller or earlier
+    run (``--init-from``) until ``--steps`` or ``--minutes``, checkpointing as it goes; with ``--export``, write the
+    checkpoint's EMA generator and exit. Returns the exit status."""
+    config, args = parse_args(argv)
+    checkpoint_path = Path(config.checkpoint or Path(config.out) / "checkpoint.pt")
+    if args.export:
+        print(export(checkpoint_path, Path(args.export)))
+        return 0
+
+    processes = join_processes(config)
+    state = load_checkpoint(checkpoint_path) if args.resume and checkpoint_path.exists() else None
+    if state is not None:
+        config = resumed_config(config, state)
+        model_config = ModelConfig.from_dict(state["model_config"])
     else:
-        what = f"CPU, {torch.get_num_threads()} torch threads"
-    return f"{world} x {what}" if ddp else what
+        model_config = ModelConfig(size=config.size, block=config.block)
+    torch.manual_seed(config.seed)
+    heads = load_heads(
+        Path(config.data),
+        Path(config.out) / "cache",
+        config.size,
+        config.margin_mm,
+        config.exclude,
+        processes.device,
+        processes.rank,
+    )
+    run = start_run(config, model_config, state, processes.device)
+    g_train, d_train = processes.wrap(run.generator), processes.wrap(run.discriminator)
+    if processes.master:
+        print(f"{len(heads)} training heads: {', '.join(h.name for h in heads)}", file=sys.stderr)
+    log = Log(config, run.step, processes.master)
+
+    last_save = invoked = time.time()
+    while run.step < config.steps:
+        start = time.time()
+        # A step's randomness depends only on (seed, step, rank): exact resume without saving RNG states.
+        rng = torch.Generator().manual_seed(config.seed * 1_000_003 + run.step * 1_009 + processes.rank)
+        batch = make_batch(heads, config, model_config, rng, processes.device)
+        losses = train_step(
+            g_train, d_train, run.opt_g, run.opt_d, batch, config.recon_weight, processes.autocast, config.adversarial
+        )
+        update_ema(run.g_ema, run.generator, config.ema, run.step)
+        run.step += 1
+        run.wall_seconds += time.time() - start
+        log.step(run, losses, batch)
+        if config.minutes > 0 and processes.any_rank(time.time() - invoked > 60 * config.minutes):
+            break
+        if processes.master and time.time() - last_save > 60 * config.checkpoint_minutes:
+            save_checkpoint(checkpoint_path, run.state(processes.hardware()))
+            last_save = time.time()
+    if processes.master:
+        save_checkpoint(checkpoint_path, run.state(processes.hardware()))
+    log.close()
+    if processes.ddp:
+        dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def _probe(surface, threshold, view, frame, fallback_box, size, seed) -> Head:
 
 def _render(surface, view, pose, size) -> np.ndarray:
     yaw, pitch, azimuth, elevation = pose
-    return render.render_surface(surface, view, yaw_deg=yaw, pitch_deg=pitch, size=size, light=(azimuth, elevation))
+    return render.render_surface(surface, view, render.Shot(yaw, pitch, (azimuth, elevation), size))
 
 
 def _thumbnail(picture: np.ndarray, size: int = 192) -> np.ndarray:

@@ -10,7 +10,7 @@ import importlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,34 +37,18 @@ class MethodOutput:
 
 
 @dataclass
-class MethodContext:
-    """Everything a method may use. Arrays are KJI on the input grid; ``image`` is shared: never modify it."""
+class Stages:
+    """The stages of one run: their timings (seconds by stage name), progress reports and cancellation.
 
-    image: sitk.Image
-    array: np.ndarray
-    brain: np.ndarray
-    head: np.ndarray
-    threshold: float
-    seed: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    options: Dict[str, Any] = field(default_factory=dict)
+    Made before the method context, so the head and brain masks are timed and cancellable like the method's own
+    stages."""
+
     progress: Optional[ProgressCallback] = None
     cancel: Optional[Callable[[], bool]] = None
     timings: Dict[str, float] = field(default_factory=dict)
-    # Facts the method wants in the sidecar (e.g. model id and sha256).
-    provenance: Dict[str, Any] = field(default_factory=dict)
-    _grid: Any = None
-
-    def grid(self):
-        """The model grid (``modelgrid.ModelGrid``) around this head, built on first use."""
-        if self._grid is None:
-            from ..modelgrid import DEFAULT_SIZE, ModelGrid
-
-            size = int(self.options.get("grid_size", DEFAULT_SIZE))
-            self._grid = ModelGrid.around(self.image, self.head, self.brain, size=size, array=self.array)
-        return self._grid
 
     def check_cancel(self) -> None:
+        """Raise :class:`errors.Cancelled` when ``cancel()`` says the run was cancelled."""
         if self.cancel is not None and self.cancel():
             raise Cancelled("de-identification cancelled")
 
@@ -80,6 +64,44 @@ class MethodContext:
         if self.progress is not None:
             self.progress(name, 1.0)
         self.check_cancel()
+
+
+@dataclass
+class MethodContext:
+    """Everything a method may use. Arrays are KJI on the input grid; ``image`` is shared: never modify it.
+
+    ``brain``: bool, the dilated brain mask (copied exactly); ``head``: bool head mask; ``threshold``: the head
+    threshold in the input's intensity units."""
+
+    image: sitk.Image
+    array: np.ndarray
+    brain: np.ndarray
+    head: np.ndarray
+    threshold: float
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    options: Dict[str, Any] = field(default_factory=dict)
+    stages: Stages = field(default_factory=Stages)
+    # Facts the method wants in the sidecar (e.g. model id and sha256).
+    provenance: Dict[str, Any] = field(default_factory=dict)
+    _grid: Any = None
+
+    def grid(self):
+        """The model grid (``modelgrid.ModelGrid``) around this head, built on first use."""
+        if self._grid is None:
+            from ..modelgrid import DEFAULT_SIZE, ModelGrid
+
+            size = int(self.options.get("grid_size", DEFAULT_SIZE))
+            self._grid = ModelGrid.around(self.image, self.head, self.brain, size=size, array=self.array)
+        return self._grid
+
+    def check_cancel(self) -> None:
+        """Raise :class:`errors.Cancelled` when the run was cancelled (see :meth:`Stages.check_cancel`)."""
+        self.stages.check_cancel()
+
+    def stage(self, name: str) -> ContextManager[None]:
+        """Time a sub-stage of the method (see :meth:`Stages.stage`)."""
+        return self.stages.stage(name)
 
 
 @dataclass(frozen=True)

@@ -95,9 +95,7 @@ def _frontal(path: Path, size: int = 256, yaw_deg: float = 0.0) -> np.ndarray:
     surface = render.skin_surface(image, render.skin_threshold(image))
     yaw, pitch, azimuth, elevation = attacks.GALLERY_POSE
     view = render.face_view(surface, image)
-    return render.render_surface(
-        surface, view, yaw_deg=yaw + yaw_deg, pitch_deg=pitch, size=size, light=(azimuth, elevation)
-    )
+    return render.render_surface(surface, view, render.Shot(yaw + yaw_deg, pitch, (azimuth, elevation), size))
 
 
 @pytest.mark.parametrize(

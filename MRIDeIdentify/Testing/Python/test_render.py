@@ -48,7 +48,7 @@ def test_same_head_renders_alike_in_every_orientation():
     pictures = {}
     for name, direction in _orientations().items():
         head = _synthetic_head(direction)
-        pictures[name] = render.render_face(head, 50.0, size=SIZE).astype(float)
+        pictures[name] = render.render_face(head, 50.0, render.Shot(size=SIZE)).astype(float)
     reference = pictures.pop("RAS")
     assert (reference[..., 0] > 0).mean() > 0.2
     for name, picture in pictures.items():
@@ -63,10 +63,11 @@ def test_same_head_renders_alike_in_every_orientation():
 def test_camera_sees_the_face_not_the_back():
     direction = _orientations()["LIA"]
     with_nose, without_nose = _synthetic_head(direction), _synthetic_head(direction, nose=False)
-    front = [render.render_face(h, 50.0, size=SIZE).astype(float) for h in (with_nose, without_nose)]
+    front = [render.render_face(h, 50.0, render.Shot(size=SIZE)).astype(float) for h in (with_nose, without_nose)]
     view = render.face_view(render.skin_surface(with_nose, 50.0), with_nose)
     back = [
-        render.render_face(h, 50.0, size=SIZE, yaw_deg=180, view=view).astype(float) for h in (with_nose, without_nose)
+        render.render_face(h, 50.0, render.Shot(yaw_deg=180, size=SIZE), view).astype(float)
+        for h in (with_nose, without_nose)
     ]
     # The nose changes the frontal picture near its centre and leaves the back view as it was.
     change = np.abs(front[0] - front[1])[..., 0]
@@ -96,8 +97,8 @@ def test_every_shared_head_renders_face_on(path):
     threshold = render.skin_threshold(image)
     surface = render.skin_surface(image, threshold)
     view = render.face_view(surface, image)
-    front = render.render_surface(surface, view, size=SIZE)
-    back = render.render_surface(surface, view, yaw_deg=180, size=SIZE)
+    front = render.render_surface(surface, view, render.Shot(size=SIZE))
+    back = render.render_surface(surface, view, render.Shot(yaw_deg=180, size=SIZE))
     silhouette = front[..., 0] > 0
     assert front.dtype == np.uint8 and front.shape == (SIZE, SIZE, 3)
     assert 0.15 < silhouette.mean() < 0.8

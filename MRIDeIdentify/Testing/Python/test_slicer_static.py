@@ -28,7 +28,8 @@ SLICER_PACKAGE_DIR = MODULE_DIR / "MRIDeIdentifySlicer"
 INDEX_ENTRY = REPO / "MRIDeIdentify.json"
 
 # Modules Slicer's own Python ships (5.8 and later): the engine may import them without an install step.
-SLICER_BUNDLED = {"numpy", "scipy", "SimpleITK", "vtk", "PIL", "pydicom"}
+# vtkmodules: the package behind `import vtk` in VTK 9, which Slicer ships; skin.py imports three of its kits.
+SLICER_BUNDLED = {"numpy", "scipy", "SimpleITK", "vtk", "vtkmodules", "PIL", "pydicom"}
 # Lazy imports on paths the Slicer Logic never takes (it passes images, never file paths).
 NOT_REACHED_FROM_SLICER = {("confidentiality.py", "dicomanonymizer"): "writes de-identified DICOM series"}
 # Fields of Slicer's catalog-entry schema v1.0.1 (Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json).

@@ -1,4 +1,5 @@
-"""Training (train.py): one step, a short overfit on a real head, DDP equivalence, exact resume, growing, export."""
+"""Training (prepare.py, train.py): one step, a short overfit on a real prepared head, DDP equivalence, exact
+resume, growing, export."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from MRIDeIdentifyLib import train
+from MRIDeIdentifyLib.prepare import Head, preprocess
 from MRIDeIdentifyLib.model import Discriminator, Generator, ModelConfig, blend, load_generator, noise
 
 
@@ -26,7 +28,7 @@ def _ball(size: int, radius: float, centre=(0.0, 0.0, 0.0)) -> np.ndarray:
     ) ** 2
 
 
-def _synthetic_head(size: int, name: str = "ball") -> train.Head:
+def _synthetic_head(size: int, name: str = "ball") -> Head:
     """A head-like phantom on the model grid: scalp shell 0.6, skull gap 0.1, brain 1.0, a 'nose' bump."""
     head = _ball(size, 0.42) | _ball(size, 0.12, (0.0, -0.38, 0.0))
     brain = _ball(size, 0.28)
@@ -35,7 +37,7 @@ def _synthetic_head(size: int, name: str = "ball") -> train.Head:
     axis = (np.arange(size) - (size - 1) / 2) * (256.0 / size)
     k, j, i = np.meshgrid(axis, axis, axis, indexing="ij")
     skin = np.sqrt(k**2 + j**2 + i**2) - 0.42 * 256.0
-    return train.Head(name, volume.astype(np.float32), brain, skin.astype(np.float32))
+    return Head(name, volume.astype(np.float32), brain, skin.astype(np.float32))
 
 
 def _models(size: int, seed: int = 0):
@@ -76,17 +78,17 @@ def test_l1_pretraining_step_leaves_the_discriminator_alone():
     assert not opt_d.state, "no discriminator step was taken"
 
 
-def _head_error(generator: Generator, batch) -> float:
+def _head_error(generator: Generator, batch: train.Batch) -> float:
     """Mean absolute error of the blended fake against the real head at full scale, outside the brain."""
     with torch.no_grad():
-        fake = blend(generator(batch["gammas"], batch["noise"]), batch["gammas"], batch["fractions"])[-1]
-    outside = batch["fractions"][-1] < 0.5
-    return float((fake - batch["reals"][-1]).abs()[outside].mean())
+        fake = blend(generator(batch.gammas, batch.noise), batch.gammas, batch.fractions)[-1]
+    outside = batch.fractions[-1] < 0.5
+    return float((fake - batch.reals[-1]).abs()[outside].mean())
 
 
 def test_short_overfit_on_one_real_head_lowers_the_generator_error(head_path):
     size = 16
-    head = train.preprocess(head_path, size, margin_mm=3.0)
+    head = preprocess(head_path, size, margin_mm=3.0)
     config = train.TrainConfig(size=size, augment=False, rotations=4)
     model_config, g, d = _models(size)
     opt_g, opt_d = train.make_optimizer(g.parameters(), config), train.make_optimizer(d.parameters(), config)
@@ -105,7 +107,7 @@ def _sgd(net: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(net.parameters(), lr=0.1)
 
 
-def _ddp_worker(rank: int, init_file: str, batch, out: str) -> None:
+def _ddp_worker(rank: int, init_file: str, batch: train.Batch, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     config = train.TrainConfig(size=16)
@@ -113,10 +115,12 @@ def _ddp_worker(rank: int, init_file: str, batch, out: str) -> None:
     ddp_g = torch.nn.parallel.DistributedDataParallel(g)
     ddp_d = torch.nn.parallel.DistributedDataParallel(d)
     opt_g, opt_d = _sgd(g), _sgd(d)
-    mine = {
-        key: [t[rank : rank + 1] for t in value] if isinstance(value, list) else value[rank : rank + 1]
-        for key, value in batch.items()
-    }
+    mine = train.Batch(
+        reals=[t[rank : rank + 1] for t in batch.reals],
+        fractions=[t[rank : rank + 1] for t in batch.fractions],
+        gammas=[t[rank : rank + 1] for t in batch.gammas],
+        noise=batch.noise[rank : rank + 1],
+    )
     train.train_step(ddp_g, ddp_d, opt_g, opt_d, mine, config.recon_weight)
     if rank == 0:
         torch.save({"g": g.state_dict(), "d": d.state_dict()}, out)
@@ -129,9 +133,7 @@ def test_two_process_ddp_step_equals_the_single_process_step(tmp_path):
     model_config, g, d = _models(16)
     heads = [
         _synthetic_head(16, "a"),
-        train.Head(
-            "b", np.flip(_synthetic_head(16).volume, 1).copy(), _synthetic_head(16).brain, _synthetic_head(16).skin
-        ),
+        Head("b", np.flip(_synthetic_head(16).volume, 1).copy(), _synthetic_head(16).brain, _synthetic_head(16).skin),
     ]
     batch = train.make_batch(heads, config, model_config, torch.Generator().manual_seed(5), "cpu")
     opt_g, opt_d = _sgd(g), _sgd(d)
