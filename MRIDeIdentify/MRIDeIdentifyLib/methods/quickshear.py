@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import warnings
 
+import nibabel as nib
 import numpy as np
+import quickshear as quickshear_package
 
 from ..errors import InputError
 from ..reader import ras_affine
@@ -38,10 +40,6 @@ def run(ctx: MethodContext) -> MethodOutput:
 
 def shear_mask(brain: np.ndarray, affine: np.ndarray, buffer_mm: float = DEFAULT_BUFFER_MM) -> np.ndarray:
     """Bool KJI mask of what quickshear keeps, for ``brain`` (bool KJI) on a grid with voxel->RAS ``affine``."""
-    # Imported here: nibabel (which quickshear needs) costs every other method 0.1 s of start-up.
-    import nibabel as nib
-    import quickshear as quickshear_package
-
     if not brain.any():
         raise InputError("quickshear needs a brain mask, and the brain mask is empty")
     # nibabel's voxel axes are IJK: the KJI array transposed.
