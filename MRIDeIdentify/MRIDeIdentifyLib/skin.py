@@ -71,9 +71,11 @@ def signed_distance(
     k, j, i = np.nonzero(band)
     points = np.stack([axes[0][i], axes[1][j], axes[2][k]], 1)
     samples, owner = _surface_samples(vertices, triangles, spacing_mm)
-    nearest = cKDTree(samples, balanced_tree=False, compact_nodes=False).query(points, workers=-1)[1]
+    sampled, nearest = cKDTree(samples, balanced_tree=False, compact_nodes=False).query(points, workers=-1)
     corners = vertices[triangles[owner[nearest]]]
-    near = np.linalg.norm(points - _closest_on_triangles(points, corners[:, 0], corners[:, 1], corners[:, 2]), axis=1)
+    exact = np.linalg.norm(points - _closest_on_triangles(points, corners[:, 0], corners[:, 1], corners[:, 2]), axis=1)
+    # A triangle of zero area has no interior solution (NaN): the sample's own distance stands there.
+    near = np.fmin(exact, sampled)
     if spheres is not None:
         centres, radius = spheres
         for centre in np.atleast_2d(centres):

@@ -182,3 +182,18 @@ def test_closest_points_on_triangles_in_every_voronoi_region():
         best = np.argmin(brute)
         regions.add((u[best] == 0) + 2 * (v[best] == 0) + 4 * (u[best] + v[best] >= 1.0 - 1e-9))
     assert len(regions) == 7, regions
+
+
+def test_collapsed_triangles_leave_no_gap_in_the_distance():
+    """A mesh with collapsed triangles (two corners on one point: the closest-point formula divides by zero for
+    some points) still gives finite distances everywhere."""
+    vertices, triangles = _icosphere(30.0, np.zeros(3))
+    vertices = vertices.copy()
+    for triangle in triangles[::50]:
+        vertices[triangle[2]] = vertices[triangle[1]]
+    grid = sitk.Image([40, 40, 40], sitk.sitkUInt8)
+    grid.SetOrigin((-39.0, -39.0, -39.0))
+    grid.SetSpacing((2.0, 2.0, 2.0))
+    distance = signed_distance(vertices, triangles, grid, spacing_mm=1.5, clip_mm=5.0)
+    assert np.isfinite(distance).all()
+    assert distance[20, 20, 20] == -5.0 and distance[0, 0, 0] == 5.0
