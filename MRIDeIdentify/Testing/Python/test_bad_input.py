@@ -68,6 +68,16 @@ class Setup:
         """``--brain-mask`` with the stand-in ball: a case the engine wrongly accepts then fails fast."""
         return ["--brain-mask", str(self.write(self.sphere_mask(), "mask.nii.gz"))]
 
+    def blur_with_mask(self, mask: sitk.Image) -> List[str]:
+        """``blur`` on a copy of the head with ``mask`` as the user's brain mask."""
+        masked = ["--brain-mask", str(self.write(mask, "mask.nii.gz"))]
+        return [str(self.copy_head()), str(self.output), "--method", "blur", *masked]
+
+    def remodel_args(self) -> List[str]:
+        """``remodel`` on a copy of the head with the generator weights at ``input/g.safetensors``."""
+        model = ["--model", str(self.input / "g.safetensors")]
+        return [str(self.copy_head()), str(self.output), "--method", "remodel", *model, *self.mask_args()]
+
     def copy_head(self, name: str = "scan.nii.gz") -> Path:
         path = self.input / name
         shutil.copyfile(self.head_file, path)
@@ -253,29 +263,13 @@ def folder_without_dicom(s: Setup) -> List[str]:
 def mask_on_distant_grid(s: Setup) -> List[str]:
     mask = s.sphere_mask()
     mask.SetOrigin([o + 1000.0 for o in mask.GetOrigin()])
-    s.copy_head()
-    return [
-        str(s.input / "scan.nii.gz"),
-        str(s.output),
-        "--method",
-        "blur",
-        "--brain-mask",
-        str(s.write(mask, "mask.nii.gz")),
-    ]
+    return s.blur_with_mask(mask)
 
 
 def mask_outside_head(s: Setup) -> List[str]:
     array = np.zeros(s.head.GetSize()[::-1], np.uint8)
     array[:6, :6, :6] = 1  # a corner of the field of view: air
-    s.copy_head()
-    return [
-        str(s.input / "scan.nii.gz"),
-        str(s.output),
-        "--method",
-        "blur",
-        "--brain-mask",
-        str(s.write(s.like_head(array), "mask.nii.gz")),
-    ]
+    return s.blur_with_mask(s.like_head(array))
 
 
 def missing_mask(s: Setup) -> List[str]:
@@ -350,44 +344,20 @@ def unknown_output_extension(s: Setup) -> List[str]:
 
 
 def missing_model_weights(s: Setup) -> List[str]:
-    return [
-        str(s.copy_head()),
-        str(s.output),
-        "--method",
-        "remodel",
-        "--model",
-        str(s.input / "g.safetensors"),
-        *s.mask_args(),
-    ]
+    return s.remodel_args()
 
 
 def corrupted_model_weights(s: Setup) -> List[str]:
     # A damaged download: the weights no longer match the sha256 their model card records.
     (s.input / "g.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + bytes(64))
     (s.input / "g.json").write_text('{"sha256": "%s", "config": {}}' % ("0" * 64))
-    return [
-        str(s.copy_head()),
-        str(s.output),
-        "--method",
-        "remodel",
-        "--model",
-        str(s.input / "g.safetensors"),
-        *s.mask_args(),
-    ]
+    return s.remodel_args()
 
 
 def model_card_not_json(s: Setup) -> List[str]:
     (s.input / "g.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}" + bytes(64))
     (s.input / "g.json").write_text("sha256: not JSON\n")
-    return [
-        str(s.copy_head()),
-        str(s.output),
-        "--method",
-        "remodel",
-        "--model",
-        str(s.input / "g.safetensors"),
-        *s.mask_args(),
-    ]
+    return s.remodel_args()
 
 
 def negative_margin(s: Setup) -> List[str]:

@@ -68,6 +68,16 @@ def summaries(stderr: str) -> List[tuple]:
     return [tuple(int(v) for v in m.groups()) for m in map(SUMMARY.search, stderr.splitlines()) if m]
 
 
+def blur_batch(bids: Path, out: Path, mask: Path, *extra: str) -> List[str]:
+    """The command line of ``mri-deidentify batch`` (this checkout) with blur and a given brain mask."""
+    blur = ["--method", "blur", "--brain-mask", str(mask)]
+    return [sys.executable, "-m", "MRIDeIdentifyLib", "batch", str(bids), str(out), *blur, *extra]
+
+
+def run(command: List[str]) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, shared_data):
     root = tmp_path_factory.mktemp("archive")
@@ -124,45 +134,13 @@ def test_slurm_array_tasks_running_together_equal_one_batch(dataset, reference, 
 def test_parallel_shards_script_equals_one_batch_and_a_rerun_skips_everything(dataset, reference, tmp_path):
     bids, mask = dataset
     out = tmp_path / "out"
-    run = subprocess.run(
-        [
-            "bash",
-            str(EXAMPLES / "parallel_shards.sh"),
-            str(bids),
-            str(out),
-            "2",
-            "--method",
-            "blur",
-            "--brain-mask",
-            str(mask),
-        ],
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr
-    assert sorted(summaries(run.stderr)) == [(2, 0, 0, 2), (2, 0, 0, 2)]
+    script = [str(EXAMPLES / "parallel_shards.sh"), str(bids), str(out), "2", "--method", "blur"]
+    done = run(["bash", *script, "--brain-mask", str(mask)])
+    assert done.returncode == 0, done.stderr
+    assert sorted(summaries(done.stderr)) == [(2, 0, 0, 2), (2, 0, 0, 2)]
     assert contents(out) == reference
     # An unsharded rerun (say, to finish failures) finds every scan done by the shards.
-    rerun = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "MRIDeIdentifyLib",
-            "batch",
-            str(bids),
-            str(out),
-            "--method",
-            "blur",
-            "--brain-mask",
-            str(mask),
-        ],
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    rerun = run(blur_batch(bids, out, mask))
     assert rerun.returncode == 0 and summaries(rerun.stderr) == [(0, 4, 0, 4)], rerun.stderr
     assert contents(out) == reference
 
@@ -173,29 +151,10 @@ def test_two_worker_processes_equal_one_batch_and_report_a_failure(dataset, refe
     _, mask = dataset
     bids = make_bids(tmp_path / "bids", shared_data / "heads", broken=True)
     out = tmp_path / "out"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "MRIDeIdentifyLib",
-            "batch",
-            str(bids),
-            str(out),
-            "--method",
-            "blur",
-            "--brain-mask",
-            str(mask),
-            "--jobs",
-            "2",
-        ],
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 1, run.stderr
-    assert summaries(run.stderr) == [(3, 0, 1, 4)] and "2 worker processes" in run.stderr
-    assert f"mri-deidentify: {BROKEN}: " in run.stderr and f"failed: {BROKEN}: " in run.stderr
+    done = run(blur_batch(bids, out, mask, "--jobs", "2"))
+    assert done.returncode == 1, done.stderr
+    assert summaries(done.stderr) == [(3, 0, 1, 4)] and "2 worker processes" in done.stderr
+    assert f"mri-deidentify: {BROKEN}: " in done.stderr and f"failed: {BROKEN}: " in done.stderr
     assert contents(out) == {name: value for name, value in reference.items() if not name.startswith("sub-04")}
 
 
@@ -204,18 +163,7 @@ def test_a_terminated_batch_leaves_nothing_partial_and_a_rerun_finishes(dataset,
     finished ones stay complete, and a rerun of the same command finishes the dataset as one plain batch."""
     bids, mask = dataset
     out, qa = tmp_path / "out", tmp_path / "qa"
-    command = [
-        sys.executable,
-        "-m",
-        "MRIDeIdentifyLib",
-        "batch",
-        str(bids),
-        str(out),
-        "--method",
-        "blur",
-        "--brain-mask",
-        str(mask),
-    ]
+    command = blur_batch(bids, out, mask)
     # --qa makes the write phase seconds long (offscreen renders), so the staging folder is there to be caught.
     child = subprocess.Popen(
         command + ["--qa", str(qa)], env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
@@ -232,6 +180,6 @@ def test_a_terminated_batch_leaves_nothing_partial_and_a_rerun_finishes(dataset,
     images = [p for p in out.rglob("*_T1w.*") if not p.name.endswith(".json")]
     assert len(images) < 4 and all(p.with_name(p.name.split(".")[0] + ".json").is_file() for p in images)
 
-    rerun = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=600)
+    rerun = run(command)
     assert rerun.returncode == 0 and summaries(rerun.stderr) == [(4 - len(images), len(images), 0, 4)], rerun.stderr
     assert contents(out) == reference

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import pytest
@@ -161,29 +162,26 @@ def _dataset(tmp_path: Path, size: int) -> Path:
     return data
 
 
+def _tiny(data: Path, *extra: str) -> List[str]:
+    """``train`` arguments for the phantoms of :func:`_dataset`: 16³, one thread, four hull rotations."""
+    return ["--data", str(data), "--size", "16", "--threads", "1", "--rotations", "4", *extra]
+
+
+def _copy_cache(source: Path, target: Path) -> None:
+    """Give the run folder ``target`` the preprocessed heads of ``source`` (no brain extractor, no fit)."""
+    (target / "cache").mkdir(parents=True)
+    for file in (source / "cache").iterdir():
+        (target / "cache" / file.name).write_bytes(file.read_bytes())
+
+
 def test_main_resumes_exactly_logs_and_exports(tmp_path):
     data = _dataset(tmp_path, 16)
-    common = [
-        "--data",
-        str(data),
-        "--size",
-        "16",
-        "--threads",
-        "1",
-        "--rotations",
-        "4",
-        "--log-every",
-        "1",
-        "--image-every",
-        "2",
-    ]
+    common = _tiny(data, "--log-every", "1", "--image-every", "2")
     run = tmp_path / "run"
     assert train.main(common + ["--out", str(run), "--steps", "2"]) == 0
     assert train.main(common + ["--out", str(run), "--steps", "3", "--resume"]) == 0
     straight = tmp_path / "straight"
-    (straight / "cache").mkdir(parents=True)
-    for file in (run / "cache").iterdir():
-        (straight / "cache" / file.name).write_bytes(file.read_bytes())
+    _copy_cache(run, straight)
     assert train.main(common + ["--out", str(straight), "--steps", "3"]) == 0
 
     resumed = train.load_checkpoint(run / "checkpoint.pt")
@@ -203,9 +201,7 @@ def test_main_resumes_exactly_logs_and_exports(tmp_path):
 
     # A second phase (L1 pre-training) started from this run: the model card lists both phases.
     phase2 = tmp_path / "phase2"
-    (phase2 / "cache").mkdir(parents=True)
-    for file in (run / "cache").iterdir():
-        (phase2 / "cache" / file.name).write_bytes(file.read_bytes())
+    _copy_cache(run, phase2)
     assert (
         train.main(
             common
@@ -250,22 +246,7 @@ def test_main_runs_under_torchrun_with_two_gloo_processes(tmp_path):
             "2",
             "-m",
             "MRIDeIdentifyLib.train",
-            "--data",
-            str(data),
-            "--out",
-            str(run),
-            "--size",
-            "16",
-            "--steps",
-            "3",
-            "--threads",
-            "1",
-            "--rotations",
-            "4",
-            "--log-every",
-            "1",
-            "--image-every",
-            "100",
+            *_tiny(data, "--out", str(run), "--steps", "3", "--log-every", "1", "--image-every", "100"),
             "--device",
             "cpu",
         ],
@@ -285,16 +266,12 @@ def test_the_first_log_after_a_resume_averages_only_the_steps_it_saw(tmp_path):
     """Resumed at step 1 with --log-every 2, the entry at step 2 covers step 2 alone: it must equal the
     uninterrupted run's per-step entry (a resume is exact), not half of it."""
     data = _dataset(tmp_path, 16)
-    common = ["--data", str(data), "--size", "16", "--threads", "1", "--rotations", "4", "--image-every", "100"]
+    common = _tiny(data, "--image-every", "100")
     every_step = tmp_path / "every"
-    (every_step / "cache").mkdir(parents=True)
-    for file in (tmp_path / "run" / "cache").iterdir():  # the phantoms' cache (no brain extractor, no fit)
-        (every_step / "cache" / file.name).write_bytes(file.read_bytes())
+    _copy_cache(tmp_path / "run", every_step)
     assert train.main(common + ["--out", str(every_step), "--steps", "2", "--log-every", "1"]) == 0
     paired = tmp_path / "paired"
-    (paired / "cache").mkdir(parents=True)
-    for file in (every_step / "cache").iterdir():
-        (paired / "cache" / file.name).write_bytes(file.read_bytes())
+    _copy_cache(every_step, paired)
     assert train.main(common + ["--out", str(paired), "--steps", "1", "--log-every", "2"]) == 0
     assert train.main(common + ["--out", str(paired), "--steps", "2", "--log-every", "2", "--resume"]) == 0
     expected = train.load_checkpoint(every_step / "checkpoint.pt")["history"][-1]
